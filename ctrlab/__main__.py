@@ -1,0 +1,3 @@
+from ctrlab.cli import entry
+
+entry()

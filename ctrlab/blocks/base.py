@@ -1,0 +1,42 @@
+"""The interface every interaction block implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ctrlab.config.base import Section
+from ctrlab.data.layout import FeatureLayout
+from ctrlab.embeddings.base import EmbeddingOutput
+
+
+class BlockConfigBase(Section):
+    """Settings shared by every block; each block's config adds a ``block`` literal.
+
+    ``linear`` adds the first-order term Σ w_i x_i (a width-1 embedding of every feature) to the logit.
+    """
+
+    linear: bool = Field(False, description="add a first-order (logistic-regression) term")
+
+
+@dataclass(frozen=True)
+class BlockInput:
+    """What a block is built for: the field layout and the embedding width."""
+
+    layout: FeatureLayout
+    dim: int
+
+    @property
+    def num_fields(self) -> int:
+        return self.layout.num_fields
+
+
+class InteractionBlock(nn.Module):
+    """Maps :class:`EmbeddingOutput` to a logit contribution ``[B]``. The model adds the bias and the optional
+    first-order term; the block never owns an optimiser, device or loss."""
+
+    def forward(self, embedded: EmbeddingOutput) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError

@@ -1,0 +1,102 @@
+"""The ``ctrlab`` command line. Every command takes a recipe plus ``key.path=value`` overrides.
+
+User errors print one line (``error: ...``) and exit with status 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.markup import escape
+
+from ctrlab.errors import CtrlabError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="CTR prediction from YAML recipes: train, validate, inspect datasets.",
+)
+datasets_app = typer.Typer(no_args_is_help=True, help="Dataset cards and what is available locally.")
+app.add_typer(datasets_app, name="datasets")
+
+err = Console(stderr=True)
+out = Console()
+
+RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
+OverridesArg = Annotated[Optional[list[str]], typer.Argument(help="overrides: key.path=value ...",
+                                                             show_default=False)]
+DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="data directory (default $CTRLAB_DATA_DIR)")]
+
+
+@app.command()
+def train(recipe: RecipeArg, overrides: OverridesArg = None, data_dir: DataDirOpt = None) -> None:
+    """Train RECIPE, evaluate on the test split and write the run's artefacts to its output_dir."""
+    from ctrlab.config.loader import load_recipe
+    from ctrlab.train.run import train_recipe
+
+    loaded = load_recipe(recipe, overrides or [])
+    result = train_recipe(loaded, data_dir=data_dir, console=err)
+    out.print_json(data={"output_dir": str(result.output_dir), "test": result.metrics["test"],
+                         **({"bayes_optimal_test_auc": result.metrics["bayes_optimal_test_auc"]}
+                            if "bayes_optimal_test_auc" in result.metrics else {})})
+
+
+@app.command()
+def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+    """Check RECIPE (with overrides) and print it fully resolved, defaults included."""
+    from ctrlab.config.loader import load_recipe, recipe_to_dict
+
+    loaded = load_recipe(recipe, overrides or [])
+    # Plain write, not rich: rich would wrap long lines at the console width and break the YAML.
+    sys.stdout.write(yaml.safe_dump(recipe_to_dict(loaded), sort_keys=False))
+    sys.stdout.flush()
+    err.print(f"{escape(str(recipe))}: valid", highlight=False)
+
+
+@datasets_app.command("list")
+def datasets_list(data_dir: DataDirOpt = None) -> None:
+    """List the dataset cards and whether their files are present in the data directory."""
+    from ctrlab.datasets.cards import datasets_table, resolve_data_dir
+
+    resolved = resolve_data_dir(data_dir)
+    out.print(datasets_table(resolved))
+    if resolved is None:
+        err.print("no data directory: set CTRLAB_DATA_DIR or pass --data-dir to check local files")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: runs the app, turning user errors into one line and exit code 2."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except CtrlabError as error:
+        # The message is data (paths, values from the file): escape it so rich prints "[no]" instead of eating it.
+        err.print(f"[bold red]error:[/bold red] {escape(error.message)}", highlight=False, soft_wrap=True)
+        return error.exit_code
+    except typer.Exit as done:
+        return int(done.exit_code or 0)
+    except typer.Abort:
+        err.print("aborted")
+        return 130
+    except KeyboardInterrupt:
+        err.print("interrupted; nothing was written to the output directory")
+        return 130
+    except Exception as error:  # click usage errors
+        import click
+
+        if isinstance(error, click.ClickException):
+            error.show()
+            return error.exit_code
+        raise
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,68 @@
+"""Recipe section ``dataset``: where the rows come from and how they are split."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ctrlab.config.base import Section
+from ctrlab.datasets.synthetic import SyntheticConfig
+
+
+class SplitConfig(Section):
+    """How one table becomes train/valid/test. ``given`` means separate files (or a card's own split)."""
+
+    kind: Literal["given", "random", "time"] = "given"
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    time_column: str | None = None
+    seed: int | None = Field(None, description="defaults to the recipe seed")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SplitConfig":
+        if abs(sum(self.fractions) - 1.0) > 1e-6 or min(self.fractions) < 0:
+            raise ValueError(f"fractions must be non-negative and sum to 1, got {list(self.fractions)}")
+        if self.kind == "time" and not self.time_column:
+            raise ValueError("a time split needs time_column")
+        return self
+
+
+class DatasetConfig(Section):
+    """One of: a dataset ``card`` (see ``ctrlab datasets list``), ``synthetic`` data, or files.
+
+    Files: ``train`` + ``valid`` + ``test`` (split ``given``), or one ``path`` split randomly or by time. Relative
+    paths are resolved against ``data_dir`` when set, else the working directory.
+    """
+
+    card: str | None = None
+    synthetic: SyntheticConfig | None = None
+    data_dir: str | None = Field(None, description="defaults to $CTRLAB_DATA_DIR or the --data-dir option")
+    train: str | None = None
+    valid: str | None = None
+    test: str | None = None
+    path: str | None = None
+    format: Literal["csv", "tsv", "parquet", "libfm"] | None = None
+    separator: str | None = None
+    header: bool = True
+    columns: list[str] | None = None
+    label: str = "label"
+    group_by: str | None = Field(None, description="column whose values group rows for gAUC (e.g. a user id)")
+    split: SplitConfig | None = None
+    cache: bool = True
+    cache_dir: str | None = Field(None, description="defaults to $CTRLAB_CACHE_DIR or ~/.cache/ctrlab")
+    verify_checksums: bool = True
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DatasetConfig":
+        files = self.train is not None or self.path is not None
+        sources = [n for n, present in (("card", self.card), ("synthetic", self.synthetic), ("files", files)) if present]
+        if len(sources) != 1:
+            raise ValueError(
+                "give exactly one data source: card, synthetic, or files (train/valid/test or path); "
+                f"got {', '.join(sources) or 'none'}"
+            )
+        if self.train is not None and self.path is not None:
+            raise ValueError("give either train/valid/test or path, not both")
+        if self.train is not None and (self.valid is None or self.test is None):
+            raise ValueError("train needs valid and test files too (or use path with a split)")
+        return self

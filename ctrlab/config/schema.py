@@ -1,0 +1,44 @@
+"""The recipe: one pydantic schema that is the single source of truth for a run.
+
+CLI commands, overrides, sweeps and tracking all read and write this schema. The ``embedding`` and ``model``
+sections are discriminated unions built from the registries when this module is imported, so a new block or
+embedding layer (one new file that registers itself) needs no change here.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Union
+
+from pydantic import Field
+
+from ctrlab.blocks import BLOCKS
+from ctrlab.config.base import Section
+from ctrlab.config.dataset import DatasetConfig
+from ctrlab.config.features import FeaturesConfig
+from ctrlab.config.train import TrainConfig
+from ctrlab.embeddings import EMBEDDINGS
+from ctrlab.registry import Registry
+
+
+def _union(registry: Registry[Any]) -> Any:
+    configs = registry.configs()
+    if len(configs) == 1:
+        return configs[0]
+    return Annotated[Union[configs], Field(discriminator=registry.discriminator)]  # type: ignore[valid-type]
+
+
+EmbeddingConfig = _union(EMBEDDINGS)
+ModelConfig = _union(BLOCKS)
+
+
+class Recipe(Section):
+    """A complete, validated ctrlab recipe: data, features, embedding, model block and training."""
+
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.\-]+$")
+    seed: int = 2021
+    output_dir: str = "runs/${name}"
+    dataset: DatasetConfig
+    features: FeaturesConfig = FeaturesConfig()
+    embedding: EmbeddingConfig = Field(default_factory=lambda: EMBEDDINGS.get("per_field").config())  # type: ignore[valid-type]
+    model: ModelConfig  # type: ignore[valid-type]
+    train: TrainConfig = TrainConfig()

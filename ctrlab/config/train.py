@@ -1,0 +1,56 @@
+"""Recipe section ``train``: optimisation, early stopping, device and metrics."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ctrlab.config.base import Section
+
+
+class OptimizerConfig(Section):
+    """Adam or Adagrad with separate L2 weight decay for embedding tables and for dense (network) weights.
+
+    Weight decay is coupled (added to the gradient, as torch's ``weight_decay`` and FuxiCTR's regularisers do).
+    With ``embedding.sparse: true`` the embedding decay is applied lazily to the rows a batch touches.
+    """
+
+    name: Literal["adam", "adagrad"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    embedding_weight_decay: float = Field(0.0, ge=0)
+    dense_weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+
+
+class EarlyStoppingConfig(Section):
+    """Stop when the monitored validation metric has not improved for ``patience`` evaluations."""
+
+    monitor: Literal["auc", "logloss", "gauc"] = "auc"
+    patience: int = Field(2, ge=1)
+    min_delta: float = Field(0.0, ge=0)
+
+
+class LROnPlateauConfig(Section):
+    """Multiply the learning rate by ``factor`` each time the monitored metric fails to improve."""
+
+    factor: float = Field(0.1, gt=0, lt=1)
+    min_lr: float = Field(1e-6, ge=0)
+
+
+class TrainConfig(Section):
+    """How the trainer optimises the model. The model itself never owns its optimiser, device or loss."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype (CUDA; bf16 also on CPU)")
+    batch_size: int = Field(4096, ge=1)
+    eval_batch_size: int = Field(16384, ge=1)
+    epochs: int = Field(100, ge=1)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    early_stopping: EarlyStoppingConfig | None = EarlyStoppingConfig()
+    lr_on_plateau: LROnPlateauConfig | None = LROnPlateauConfig()
+    metrics: list[Literal["auc", "logloss", "gauc"]] = ["auc", "logloss"]
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice")
+    progress: bool = True
+    grad_clip_norm: float | None = Field(None, gt=0)

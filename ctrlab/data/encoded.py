@@ -1,0 +1,64 @@
+"""Encoded splits: the numeric arrays a fitted processor produces, cached as parquet."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from ctrlab.data.layout import FeatureLayout
+from ctrlab.utils.io import atomic_path
+
+
+@dataclass
+class EncodedSplit:
+    """One split as arrays: categorical ids ``[N, Fc]`` (int32), numeric values ``[N, Fn]`` (float32), one padded
+    id matrix ``[N, L]`` per sequence field, labels ``[N]`` (float32) and optional group ids ``[N]`` (int64)."""
+
+    categorical: np.ndarray
+    numeric: np.ndarray
+    sequences: dict[str, np.ndarray] = field(default_factory=dict)
+    label: np.ndarray | None = None
+    group: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.categorical.shape[0])
+
+    def to_parquet(self, path: Path, layout: FeatureLayout) -> None:
+        columns: dict[str, pl.Series] = {}
+        for i, spec in enumerate(layout.categorical):
+            columns[f"cat:{spec.name}"] = pl.Series(self.categorical[:, i])
+        for i, spec in enumerate(layout.numeric):
+            columns[f"num:{spec.name}"] = pl.Series(self.numeric[:, i])
+        for spec in layout.sequence:
+            matrix = self.sequences[spec.name]
+            columns[f"seq:{spec.name}"] = pl.Series(matrix).cast(pl.Array(pl.Int32, matrix.shape[1]))
+        if self.label is not None:
+            columns["label"] = pl.Series(self.label)
+        if self.group is not None:
+            columns["group"] = pl.Series(self.group)
+        with atomic_path(path) as tmp:
+            pl.DataFrame(columns).write_parquet(tmp)
+
+    @classmethod
+    def from_parquet(cls, path: Path, layout: FeatureLayout) -> "EncodedSplit":
+        frame = pl.read_parquet(path)
+        n = frame.height
+
+        def matrix(names: list[str], dtype: type) -> np.ndarray:
+            if not names:
+                return np.zeros((n, 0), dtype=dtype)
+            return np.ascontiguousarray(np.stack([frame[c].to_numpy() for c in names], axis=1).astype(dtype))
+
+        sequences = {
+            s.name: np.ascontiguousarray(frame[f"seq:{s.name}"].to_numpy().astype(np.int32)) for s in layout.sequence
+        }
+        return cls(
+            categorical=matrix([f"cat:{s.name}" for s in layout.categorical], np.int32),
+            numeric=matrix([f"num:{s.name}" for s in layout.numeric], np.float32),
+            sequences=sequences,
+            label=frame["label"].to_numpy().astype(np.float32) if "label" in frame.columns else None,
+            group=frame["group"].to_numpy().astype(np.int64) if "group" in frame.columns else None,
+        )

@@ -1,0 +1,318 @@
+"""The feature processor: fitted on the training split only, then applied unchanged to every other split and
+at serving time. Its whole state is JSON, so a reloaded processor gives identical encodings."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from ctrlab.config.features import FeaturesConfig, NumericFeature, SequenceFeature
+from ctrlab.data.encoded import EncodedSplit
+from ctrlab.data.layout import FIRST_VALUE_ID, OOV_ID, FeatureLayout, FieldSpec
+from ctrlab.errors import DataError
+from ctrlab.utils.io import write_json_atomic
+
+NULL_TOKEN = "__null__"
+FORMAT_VERSION = 1
+ROW_COLUMN = "__ctrlab_source_row"
+"""Optional column holding each row's 1-based data row in its source file. The pipeline adds it before it splits one
+file into train/valid/test, so that error messages name the row of the file rather than the row of the split."""
+
+
+def _row_number(frame: pl.DataFrame, index: int) -> int:
+    """The 1-based data row (header excluded) of the frame's row ``index`` in the file it was read from."""
+    if ROW_COLUMN in frame.columns:
+        return int(frame.get_column(ROW_COLUMN)[index])
+    return index + 1
+
+
+@dataclass
+class _Vocabulary:
+    values: list[str]
+
+    def ids(self, strings: pl.Series) -> np.ndarray:
+        """Map strings to ids (value i -> i + 2; unseen -> OOV)."""
+        mapping = pl.DataFrame(
+            {"value": self.values, "id": np.arange(FIRST_VALUE_ID, FIRST_VALUE_ID + len(self.values), dtype=np.int32)},
+            schema={"value": pl.String, "id": pl.Int32},
+        )
+        joined = (
+            pl.DataFrame({"value": strings}).with_row_index("row").join(mapping, on="value", how="left")
+            .sort("row").get_column("id").fill_null(OOV_ID)
+        )
+        return joined.to_numpy().astype(np.int32)
+
+    @property
+    def size(self) -> int:
+        return len(self.values) + FIRST_VALUE_ID
+
+
+def _fit_vocabulary(counts: pl.DataFrame, min_count: int) -> _Vocabulary:
+    kept = counts.filter(pl.col("count") >= min_count).sort(["count", "value"], descending=[True, False])
+    return _Vocabulary(kept.get_column("value").to_list())
+
+
+def _value_counts(values: pl.Series) -> pl.DataFrame:
+    return values.value_counts(name="count").rename({values.name: "value"})
+
+
+class FeatureProcessor:
+    """Turns raw rows into model inputs.
+
+    Categorical: per-field vocabulary of training values seen at least ``min_count`` times (ordered by frequency),
+    id 0 = padding, 1 = out-of-vocabulary (and anything unseen), values from 2. Missing values are the category
+    ``__null__``. Numeric: missing filled (mean / median / zero / constant from the training split), then
+    ``none`` / ``log`` (sign(x)·log1p|x|) / ``standardize`` / ``log_standardize`` / ``bucketize`` (quantile bins
+    fitted on train; missing goes to id 1). Sequences: tokens mapped with their own or a shared vocabulary, the most
+    recent ``max_len`` kept, right-padded with 0.
+    """
+
+    def __init__(self, features: FeaturesConfig, label: str, group_by: str | None = None) -> None:
+        self.features = features
+        self.label = label
+        self.group_by = group_by
+        self.vocabularies: dict[str, _Vocabulary] = {}
+        self.numeric_stats: dict[str, dict[str, Any]] = {}
+        self.fitted = False
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def _min_count(self, value: int | None) -> int:
+        return value if value is not None else self.features.defaults.min_count
+
+    @staticmethod
+    def _sequence_tokens(frame: pl.DataFrame, spec: SequenceFeature) -> pl.Series:
+        column = frame.get_column(spec.name)
+        if column.dtype == pl.String:
+            column = column.fill_null("").str.split(spec.separator)
+        elif isinstance(column.dtype, (pl.List, pl.Array)):
+            column = column.cast(pl.List(pl.String)).fill_null([])
+        else:
+            column = column.cast(pl.String).fill_null("").str.split(spec.separator)
+        return column.list.eval(pl.element().filter(pl.element() != "")).list.tail(spec.max_len)
+
+    @staticmethod
+    def _categorical_strings(frame: pl.DataFrame, name: str) -> pl.Series:
+        return frame.get_column(name).cast(pl.String).fill_null(NULL_TOKEN)
+
+    def _check_columns(self, frame: pl.DataFrame, source: str, with_label: bool) -> None:
+        sections = [("features.categorical", self.features.categorical), ("features.numeric", self.features.numeric),
+                    ("features.sequence", self.features.sequence)]
+        for section, specs in sections:
+            for spec in specs:
+                if spec.name not in frame.columns:
+                    present = [c for c in frame.columns if c != ROW_COLUMN]
+                    raise DataError(
+                        f"{source}: column '{spec.name}' named in {section} is not in the data "
+                        f"(columns: {', '.join(present[:30])}{'...' if len(present) > 30 else ''})"
+                    )
+        if with_label and self.label not in frame.columns:
+            raise DataError(f"{source}: label column '{self.label}' is not in the data (set dataset.label)")
+        if self.group_by is not None and with_label and self.group_by not in frame.columns:
+            raise DataError(f"{source}: group column '{self.group_by}' (dataset.group_by) is not in the data")
+
+    @staticmethod
+    def _numeric_values(frame: pl.DataFrame, name: str, source: str) -> pl.Series:
+        column = frame.get_column(name)
+        if column.dtype.is_numeric():
+            return column.cast(pl.Float64)
+        if column.dtype == pl.Boolean:
+            return column.cast(pl.Float64)
+        stripped = pl.col(name).cast(pl.String).str.strip_chars()
+        text = frame.select(pl.when(stripped == "").then(None).otherwise(stripped).alias(name)).to_series()
+        values = text.cast(pl.Float64, strict=False)
+        bad = values.is_null() & text.is_not_null()
+        if bad.any():
+            row = int(bad.arg_true()[0])
+            raise DataError(
+                f"{source}: column '{name}' row {_row_number(frame, row)}: value {text[row]!r} is not a number "
+                "(numeric feature; declare it categorical if it is not numeric)"
+            )
+        return values
+
+    def _labels(self, frame: pl.DataFrame, source: str) -> np.ndarray:
+        column = frame.get_column(self.label)
+        if column.null_count():
+            row = int(column.is_null().arg_true()[0])
+            raise DataError(f"{source}: column '{self.label}' row {_row_number(frame, row)}: label is missing")
+        if column.dtype.is_numeric() or column.dtype == pl.Boolean:
+            values = column.cast(pl.Float64)
+            text = column.cast(pl.String)
+        else:
+            text = column.cast(pl.String).str.strip_chars()
+            values = text.cast(pl.Float64, strict=False)
+        bad = ~(values.is_in([0.0, 1.0]).fill_null(False))
+        if bad.any():
+            row = int(bad.arg_true()[0])
+            raise DataError(
+                f"{source}: column '{self.label}' row {_row_number(frame, row)}: label {text[row]!r} is not 0 or 1"
+            )
+        return values.to_numpy().astype(np.float32)
+
+    # --------------------------------------------------------------------------------------------- fit
+    def fit(self, frame: pl.DataFrame, source: str = "train") -> "FeatureProcessor":
+        """Fit vocabularies and numeric statistics on the training split."""
+        if frame.height == 0:
+            raise DataError(f"{source}: no rows to fit the feature processor on")
+        self._check_columns(frame, source, with_label=True)
+        self._labels(frame, source)
+        shared_tokens: dict[str, list[pl.Series]] = {}
+        for seq in self.features.sequence:
+            tokens = self._sequence_tokens(frame, seq).explode().drop_nulls().rename("value")
+            if seq.share_vocab_with is not None:
+                shared_tokens.setdefault(seq.share_vocab_with, []).append(tokens)
+            else:
+                counts = _value_counts(tokens) if len(tokens) else pl.DataFrame(
+                    {"value": [], "count": []}, schema={"value": pl.String, "count": pl.UInt32})
+                self.vocabularies[seq.name] = _fit_vocabulary(counts, self._min_count(seq.min_count))
+        for cat in self.features.categorical:
+            values = self._categorical_strings(frame, cat.name).rename("value")
+            for extra in shared_tokens.get(cat.name, []):
+                values = pl.concat([values, extra.cast(pl.String)])
+            self.vocabularies[cat.name] = _fit_vocabulary(_value_counts(values), self._min_count(cat.min_count))
+        for num in self.features.numeric:
+            self.numeric_stats[num.name] = self._fit_numeric(num, self._numeric_values(frame, num.name, source))
+        self.fitted = True
+        return self
+
+    @staticmethod
+    def _fit_numeric(spec: NumericFeature, values: pl.Series) -> dict[str, Any]:
+        present = values.drop_nulls().filter(values.drop_nulls().is_finite())
+        if isinstance(spec.fill, float | int) and not isinstance(spec.fill, bool):
+            fill = float(spec.fill)
+        elif spec.fill == "zero" or len(present) == 0:
+            fill = 0.0
+        elif spec.fill == "median":
+            fill = float(present.median())  # type: ignore[arg-type]
+        else:
+            fill = float(present.mean())  # type: ignore[arg-type]
+        stats: dict[str, Any] = {"fill": fill, "mean": 0.0, "std": 1.0, "edges": None}
+        filled = values.fill_null(fill).to_numpy()
+        if spec.transform in ("log", "log_standardize"):
+            filled = np.sign(filled) * np.log1p(np.abs(filled))
+        if spec.transform in ("standardize", "log_standardize"):
+            std = float(filled.std()) if len(filled) else 1.0
+            stats["mean"] = float(filled.mean()) if len(filled) else 0.0
+            stats["std"] = std if std > 0 and math.isfinite(std) else 1.0
+        if spec.transform == "bucketize":
+            quantiles = np.quantile(present.to_numpy(), np.linspace(0, 1, spec.buckets + 1)[1:-1]) if len(present) else []
+            stats["edges"] = sorted({float(q) for q in quantiles})
+        return stats
+
+    # ------------------------------------------------------------------------------------------ layout
+    @property
+    def layout(self) -> FeatureLayout:
+        self._require_fitted()
+        fields: list[FieldSpec] = []
+        for cat in self.features.categorical:
+            fields.append(FieldSpec(cat.name, "categorical", self.vocabularies[cat.name].size, cat.name))
+        for num in self.features.numeric:
+            if num.transform == "bucketize":
+                size = len(self.numeric_stats[num.name]["edges"]) + 1 + FIRST_VALUE_ID
+                fields.append(FieldSpec(num.name, "categorical", size, num.name))
+        for num in self.features.numeric:
+            if num.transform != "bucketize":
+                fields.append(FieldSpec(num.name, "numeric"))
+        for seq in self.features.sequence:
+            table = seq.share_vocab_with or seq.name
+            fields.append(FieldSpec(seq.name, "sequence", self.vocabularies[table].size, table, seq.max_len, seq.pooling))
+        return FeatureLayout(tuple(fields))
+
+    def _require_fitted(self) -> None:
+        if not self.fitted:
+            raise RuntimeError("the feature processor is not fitted")
+
+    # --------------------------------------------------------------------------------------- transform
+    def transform(self, frame: pl.DataFrame, source: str = "data", with_label: bool = True) -> EncodedSplit:
+        """Encode rows. ``with_label=False`` for serving, where rows carry no label."""
+        self._require_fitted()
+        if frame.height == 0:
+            raise DataError(f"{source}: no rows")
+        self._check_columns(frame, source, with_label)
+        n = frame.height
+        categorical: list[np.ndarray] = [
+            self.vocabularies[c.name].ids(self._categorical_strings(frame, c.name)) for c in self.features.categorical
+        ]
+        numeric: list[np.ndarray] = []
+        for num in self.features.numeric:
+            values = self._numeric_values(frame, num.name, source)
+            stats = self.numeric_stats[num.name]
+            if num.transform == "bucketize":
+                raw = values.to_numpy()
+                ids = np.searchsorted(np.asarray(stats["edges"], dtype=np.float64), raw, side="right") + FIRST_VALUE_ID
+                ids = np.where(np.isnan(raw), OOV_ID, ids)
+                categorical.append(ids.astype(np.int32))
+                continue
+            x = values.fill_null(stats["fill"]).fill_nan(stats["fill"]).to_numpy().astype(np.float64)
+            if num.transform in ("log", "log_standardize"):
+                x = np.sign(x) * np.log1p(np.abs(x))
+            if num.transform in ("standardize", "log_standardize"):
+                x = (x - stats["mean"]) / stats["std"]
+            numeric.append(x.astype(np.float32))
+        sequences = {s.name: self._encode_sequence(frame, s) for s in self.features.sequence}
+        group = None
+        if self.group_by is not None and self.group_by in frame.columns:
+            group = frame.get_column(self.group_by).cast(pl.String).fill_null(NULL_TOKEN).rank("dense").to_numpy()
+            group = group.astype(np.int64)
+        return EncodedSplit(
+            categorical=np.ascontiguousarray(np.stack(categorical, axis=1) if categorical else np.zeros((n, 0), np.int32)),
+            numeric=np.ascontiguousarray(np.stack(numeric, axis=1) if numeric else np.zeros((n, 0), np.float32)),
+            sequences=sequences,
+            label=self._labels(frame, source) if with_label else None,
+            group=group,
+        )
+
+    def _encode_sequence(self, frame: pl.DataFrame, spec: SequenceFeature) -> np.ndarray:
+        tokens = self._sequence_tokens(frame, spec)
+        lengths = tokens.list.len().to_numpy().astype(np.int64)
+        flat = tokens.explode().drop_nulls().cast(pl.String)
+        vocab = self.vocabularies[spec.share_vocab_with or spec.name]
+        ids = vocab.ids(flat) if len(flat) else np.zeros(0, np.int32)
+        matrix = np.zeros((frame.height, spec.max_len), dtype=np.int32)
+        rows = np.repeat(np.arange(frame.height), lengths)
+        starts = np.cumsum(lengths) - lengths
+        positions = np.arange(len(ids)) - np.repeat(starts, lengths)
+        matrix[rows, positions] = ids
+        return matrix
+
+    # ----------------------------------------------------------------------------------- persistence
+    def to_dict(self) -> dict[str, Any]:
+        self._require_fitted()
+        return {
+            "format_version": FORMAT_VERSION,
+            "label": self.label,
+            "group_by": self.group_by,
+            "features": self.features.model_dump(mode="json"),
+            "vocabularies": {name: vocab.values for name, vocab in self.vocabularies.items()},
+            "numeric_stats": self.numeric_stats,
+            "layout": self.layout.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FeatureProcessor":
+        if data.get("format_version") != FORMAT_VERSION:
+            raise DataError(f"processor state has format version {data.get('format_version')}, expected {FORMAT_VERSION}")
+        processor = cls(FeaturesConfig.model_validate(data["features"]), data["label"], data.get("group_by"))
+        processor.vocabularies = {name: _Vocabulary(list(values)) for name, values in data["vocabularies"].items()}
+        processor.numeric_stats = data["numeric_stats"]
+        processor.fitted = True
+        return processor
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FeatureProcessor":
+        path = Path(path)
+        if not path.exists():
+            raise DataError(f"{path}: processor file not found")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: processor file is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        return cls.from_dict(data)

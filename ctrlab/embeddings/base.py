@@ -1,0 +1,62 @@
+"""The interface every embedding layer implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ctrlab.config.base import Section
+from ctrlab.data.batches import FeatureBatch
+from ctrlab.data.layout import FeatureLayout
+
+
+class EmbeddingConfigBase(Section):
+    """Settings shared by every embedding layer; each layer's config adds a ``kind`` literal."""
+
+    dim: int = Field(16, ge=1, description="embedding width of every field")
+    init_std: float = Field(1e-4, gt=0, description="std of the normal initialisation")
+    sparse: bool = Field(False, description="sparse gradients for the tables (fast for large vocabularies)")
+
+
+@dataclass
+class EmbeddingOutput:
+    """``fields``: one vector per field, ``[B, F, D]`` in layout order (sequences pooled).
+    ``sequences``: the unpooled sequence vectors ``[B, L, D]`` with their padding masks ``[B, L]`` (True = real)."""
+
+    fields: torch.Tensor
+    sequences: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+class FeatureEmbedding(nn.Module):
+    """Maps a batch to per-field vectors.
+
+    Implementations keep their lookup tables in :meth:`table_parameters` so the trainer can give them their own
+    weight decay (and a sparse optimiser when ``sparse``), and implement :meth:`lazy_l2` for the sparse case.
+    """
+
+    layout: FeatureLayout
+    dim: int
+    sparse: bool
+
+    def forward(self, batch: FeatureBatch) -> EmbeddingOutput:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def table_parameters(self) -> list[nn.Parameter]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def lazy_l2(self, batch: FeatureBatch) -> torch.Tensor:  # pragma: no cover - interface
+        """0.5 · Σ‖row‖² over the distinct table rows this batch touches (sparse-gradient weight decay)."""
+        raise NotImplementedError
+
+    @property
+    def num_fields(self) -> int:
+        return self.layout.num_fields
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())

@@ -1,0 +1,83 @@
+"""Per-field embedding tables, stored as one concatenated table with field offsets (the fast path)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctrlab.data.batches import FeatureBatch
+from ctrlab.data.layout import FeatureLayout
+from ctrlab.embeddings import EMBEDDINGS
+from ctrlab.embeddings.base import EmbeddingConfigBase, EmbeddingOutput, FeatureEmbedding
+
+
+class PerFieldConfig(EmbeddingConfigBase):
+    """One table per vocabulary (a sequence sharing a vocabulary shares the table)."""
+
+    kind: Literal["per_field"] = "per_field"
+
+
+@EMBEDDINGS.register("per_field", PerFieldConfig)
+class PerFieldEmbedding(FeatureEmbedding):
+    """Looks each field's id up in its own table; numeric fields get a learned vector scaled by their value
+    (``e = x · v``, as in AutoInt, Song et al. 2019, eq. 6); sequences are mean- or sum-pooled over real items.
+
+    All tables live in one ``[Σ rows, D]`` parameter, indexed with per-field offsets: one lookup kernel for all
+    fields instead of one per table, which is several times faster on CPU.
+    """
+
+    def __init__(self, config: PerFieldConfig, layout: FeatureLayout, dim: int | None = None) -> None:
+        super().__init__()
+        self.layout = layout
+        self.dim = dim if dim is not None else config.dim
+        self.sparse = config.sparse
+        tables = layout.tables()
+        starts: dict[str, int] = {}
+        total = 0
+        for name, rows in tables.items():
+            starts[name] = total
+            total += rows
+        self.table_offsets = starts
+        self.weight = nn.Parameter(torch.randn(max(total, 1), self.dim) * config.init_std)
+        self.register_buffer(
+            "categorical_offsets",
+            torch.tensor([starts[f.table] for f in layout.categorical], dtype=torch.long),  # type: ignore[index]
+            persistent=False,
+        )
+        self.sequence_offsets = {f.name: starts[f.table] for f in layout.sequence}  # type: ignore[index]
+        self.numeric_weight = nn.Parameter(torch.randn(len(layout.numeric), self.dim) * config.init_std)
+
+    def table_parameters(self) -> list[nn.Parameter]:
+        return [self.weight]
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight, sparse=self.sparse)
+
+    def forward(self, batch: FeatureBatch) -> EmbeddingOutput:
+        parts: list[torch.Tensor] = []
+        if self.layout.categorical:
+            parts.append(self._lookup(batch.categorical + self.categorical_offsets))
+        if self.layout.numeric:
+            parts.append(batch.numeric.unsqueeze(-1) * self.numeric_weight)
+        sequences: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for spec in self.layout.sequence:
+            ids = batch.sequences[spec.name]
+            mask = ids > 0
+            vectors = self._lookup(ids + self.sequence_offsets[spec.name]) * mask.unsqueeze(-1)
+            summed = vectors.sum(dim=1)
+            if spec.pooling == "mean":
+                summed = summed / mask.sum(dim=1, keepdim=True).clamp(min=1)
+            parts.append(summed.unsqueeze(1))
+            sequences[spec.name] = (vectors, mask)
+        return EmbeddingOutput(torch.cat(parts, dim=1), sequences)
+
+    def lazy_l2(self, batch: FeatureBatch) -> torch.Tensor:
+        ids = [(batch.categorical + self.categorical_offsets).reshape(-1)]
+        for spec in self.layout.sequence:
+            seq = batch.sequences[spec.name]
+            ids.append((seq + self.sequence_offsets[spec.name])[seq > 0])
+        rows = torch.unique(torch.cat(ids))
+        return 0.5 * self._lookup(rows).pow(2).sum()

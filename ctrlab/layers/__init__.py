@@ -1,0 +1,1 @@
+"""Shared neural-network layers that interaction blocks are composed from."""

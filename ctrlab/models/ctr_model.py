@@ -1,0 +1,54 @@
+"""The CTR model: a composition of an embedding layer, an optional first-order term and one block."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ctrlab.blocks import BLOCKS, InteractionBlock
+from ctrlab.blocks.base import BlockInput
+from ctrlab.data.batches import FeatureBatch
+from ctrlab.data.layout import FeatureLayout
+from ctrlab.embeddings import EMBEDDINGS, FeatureEmbedding
+
+
+class CTRModel(nn.Module):
+    """logit(x) = b + [Σ_i w_i x_i] + block(embedding(x)).
+
+    The first-order term is a width-1 embedding of the same kind as the main one. The model returns logits only;
+    the trainer owns the loss, the optimiser and the device.
+    """
+
+    def __init__(
+        self, embedding: FeatureEmbedding | None, block: InteractionBlock | None, linear: FeatureEmbedding | None
+    ) -> None:
+        super().__init__()
+        self.embedding = embedding
+        self.block = block
+        self.linear = linear
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, batch: FeatureBatch) -> torch.Tensor:
+        logit = self.bias.expand(len(batch))
+        if self.block is not None and self.embedding is not None:
+            logit = logit + self.block(self.embedding(batch))
+        if self.linear is not None:
+            logit = logit + self.linear(batch).fields.sum(dim=(1, 2))
+        return logit
+
+    def embedding_modules(self) -> list[FeatureEmbedding]:
+        return [m for m in (self.embedding, self.linear) if m is not None]
+
+
+def build_model(embedding_config: Any, model_config: Any, layout: FeatureLayout) -> CTRModel:
+    """Build the model a recipe's ``embedding`` and ``model`` sections describe, for a fitted layout."""
+    if layout.num_fields == 0:
+        raise ValueError("the recipe selects no features")
+    linear = EMBEDDINGS.build(embedding_config, layout, dim=1) if model_config.linear else None
+    if not getattr(BLOCKS.get(model_config.block).impl, "needs_embedding", True):
+        return CTRModel(None, None, linear)
+    embedding = EMBEDDINGS.build(embedding_config, layout)
+    block = BLOCKS.build(model_config, BlockInput(layout, embedding.dim))
+    return CTRModel(embedding, block, linear)

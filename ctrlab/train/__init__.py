@@ -1,0 +1,1 @@
+"""Training: optimisation loop, early stopping, checkpoints and metrics."""

@@ -1,0 +1,73 @@
+"""Optimiser construction: separate weight decay for embedding tables and dense weights, sparse tables apart."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ctrlab.config.train import OptimizerConfig
+from ctrlab.models.ctr_model import CTRModel
+
+
+@dataclass
+class Optimizers:
+    """The optimisers of one model: one for dense-gradient parameters and, with sparse tables, one for those.
+
+    ``lazy_embedding_decay`` is the coefficient of the batch-row L2 term the trainer adds to the loss when tables
+    have sparse gradients (coupled weight decay on the rows a batch touches).
+    """
+
+    optimizers: list[torch.optim.Optimizer] = field(default_factory=list)
+    lazy_embedding_decay: float = 0.0
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def step(self, scaler: torch.amp.GradScaler | None = None) -> None:
+        for opt in self.optimizers:
+            if scaler is not None:
+                scaler.step(opt)
+            else:
+                opt.step()
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizers[0].param_groups[0]["lr"])
+
+    def scale_lr(self, factor: float, min_lr: float) -> None:
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = max(group["lr"] * factor, min_lr)
+
+
+def build_optimizers(model: CTRModel, config: OptimizerConfig) -> Optimizers:
+    embedding_params: list[nn.Parameter] = []
+    sparse_params: list[nn.Parameter] = []
+    for module in model.embedding_modules():
+        tables = set(map(id, module.table_parameters())) if module.sparse else set()
+        for param in module.parameters():
+            (sparse_params if id(param) in tables else embedding_params).append(param)
+    seen = {id(p) for p in embedding_params + sparse_params}
+    dense_params = [p for p in model.parameters() if id(p) not in seen]
+
+    groups = [
+        {"params": embedding_params, "weight_decay": config.embedding_weight_decay},
+        {"params": dense_params, "weight_decay": config.dense_weight_decay},
+    ]
+    groups = [g for g in groups if g["params"]]
+    result = Optimizers()
+    if config.name == "adam":
+        result.optimizers.append(torch.optim.Adam(groups, lr=config.lr, betas=config.betas, eps=config.eps))
+        if sparse_params:
+            result.optimizers.append(torch.optim.SparseAdam(sparse_params, lr=config.lr, betas=config.betas,
+                                                            eps=config.eps))
+    else:
+        result.optimizers.append(torch.optim.Adagrad(groups, lr=config.lr, eps=config.eps))
+        if sparse_params:
+            result.optimizers.append(torch.optim.Adagrad(sparse_params, lr=config.lr, eps=config.eps))
+    if sparse_params:
+        result.lazy_embedding_decay = config.embedding_weight_decay
+    return result

@@ -1,0 +1,207 @@
+"""The training loop: BCE-with-logits, early stopping on a validation metric, learning-rate reduction on a
+plateau, best-checkpoint restore, progress bars and per-epoch summaries."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ctrlab.config.train import TrainConfig
+from ctrlab.data.batches import BatchIterator, FeatureBatch
+from ctrlab.models.ctr_model import CTRModel
+from ctrlab.train.device import autocast
+from ctrlab.train.metrics import compute_metrics
+from ctrlab.train.optim import Optimizers, build_optimizers
+from ctrlab.utils.checkpoint import save_weights
+
+_HIGHER_IS_BETTER = {"auc": True, "gauc": True, "logloss": False}
+
+
+@dataclass
+class EpochRecord:
+    """What one epoch did: mean training loss, validation metrics, learning rate, wall time."""
+
+    epoch: int
+    train_loss: float
+    valid: dict[str, float]
+    lr: float
+    seconds: float
+    samples_per_second: float
+    improved: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "train_loss": self.train_loss, **{f"valid_{k}": v for k, v in self.valid.items()},
+                "lr": self.lr, "seconds": self.seconds, "samples_per_second": self.samples_per_second,
+                "improved": self.improved}
+
+
+@dataclass
+class FitResult:
+    """The training history and the best epoch, whose weights the model holds after :meth:`Trainer.fit`."""
+
+    history: list[EpochRecord] = field(default_factory=list)
+    best_epoch: int = 0
+    best_valid: dict[str, float] = field(default_factory=dict)
+    stopped_early: bool = False
+
+
+EpochCallback = Callable[[EpochRecord], None]
+
+
+class Trainer:
+    """Owns the optimisers, the device, the loss and the loop; the model only maps batches to logits.
+
+    ``callbacks`` run after every epoch's evaluation (trackers log there; a sweep's pruner may raise to stop).
+    """
+
+    def __init__(self, model: CTRModel, config: TrainConfig, device: torch.device, seed: int = 0,
+                 metrics: list[str] | None = None, console: Console | None = None,
+                 callbacks: list[EpochCallback] | None = None) -> None:
+        self.model = model.to(device)
+        self.config = config
+        self.device = device
+        self.metrics = list(metrics or config.metrics)
+        monitor = config.early_stopping.monitor if config.early_stopping else "auc"
+        if monitor not in self.metrics:
+            self.metrics.append(monitor)
+        self.monitor = monitor
+        self.console = console or Console(stderr=True)
+        self.callbacks = list(callbacks or [])
+        self.optimizers: Optimizers = build_optimizers(self.model, config.optimizer)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
+
+    # ------------------------------------------------------------------------------------------ steps
+    def _loss(self, batch: FeatureBatch) -> torch.Tensor:
+        with autocast(self.device, self.config.precision):
+            logits = self.model(batch)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), batch.label)  # type: ignore[arg-type]
+        if self.optimizers.lazy_embedding_decay > 0:
+            penalty = sum(m.lazy_l2(batch) for m in self.model.embedding_modules() if m.sparse)
+            loss = loss + self.optimizers.lazy_embedding_decay * penalty / len(batch)
+        return loss
+
+    def train_epoch(self, data: FeatureBatch, progress: Progress | None = None) -> float:
+        """One pass over ``data``; returns the mean training loss."""
+        self.model.train()
+        iterator = BatchIterator(data, self.config.batch_size, shuffle=True, generator=self.generator)
+        task = progress.add_task("train", total=len(iterator)) if progress is not None else None
+        total = torch.zeros((), device=self.device)
+        for step, batch in enumerate(iterator):
+            loss = self._loss(batch)
+            self.optimizers.zero_grad()
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                for opt in self.optimizers.optimizers:
+                    self.scaler.unscale_(opt)
+            else:
+                loss.backward()
+            if self.config.grad_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip_norm)
+            self.optimizers.step(self.scaler)
+            if self.scaler is not None:
+                self.scaler.update()
+            total += loss.detach() * len(batch)
+            if progress is not None and task is not None and (step % 8 == 0 or step == len(iterator) - 1):
+                progress.update(task, completed=step + 1)
+        if progress is not None and task is not None:
+            progress.remove_task(task)
+        mean = float(total) / max(len(data), 1)
+        if not math.isfinite(mean):
+            raise FloatingPointError(f"training loss became {mean}; lower train.optimizer.lr")
+        return mean
+
+    @torch.no_grad()
+    def predict(self, data: FeatureBatch) -> np.ndarray:
+        """Click probabilities for every row of ``data`` (float64 numpy)."""
+        self.model.eval()
+        data = data.to(self.device)
+        out = []
+        for batch in BatchIterator(data, self.config.eval_batch_size):
+            with autocast(self.device, self.config.precision):
+                logits = self.model(batch)
+            out.append(torch.sigmoid(logits.float()).cpu())
+        return torch.cat(out).double().numpy()
+
+    def evaluate(self, data: FeatureBatch) -> tuple[dict[str, float], np.ndarray]:
+        probabilities = self.predict(data)
+        labels = data.label.numpy()  # type: ignore[union-attr]
+        groups = data.group.numpy() if data.group is not None else None
+        return compute_metrics(self.metrics, labels, probabilities, groups), probabilities
+
+    # ------------------------------------------------------------------------------------------- fit
+    def _improved(self, value: float, best: float | None) -> bool:
+        if best is None or math.isnan(best):
+            return not math.isnan(value)
+        delta = self.config.early_stopping.min_delta if self.config.early_stopping else 0.0
+        return value > best + delta if _HIGHER_IS_BETTER[self.monitor] else value < best - delta
+
+    def fit(self, train: FeatureBatch, valid: FeatureBatch, checkpoint: Path | None = None) -> FitResult:
+        """Train until ``epochs`` or early stopping; the model ends holding the best validation weights."""
+        train = train.to(self.device)
+        valid = valid.to(self.device)
+        result = FitResult()
+        best_value: float | None = None
+        best_state: dict[str, torch.Tensor] | None = None
+        bad_epochs = 0
+        progress = self._progress()
+        with progress if progress is not None else contextlib.nullcontext():
+            for epoch in range(1, self.config.epochs + 1):
+                start = time.perf_counter()
+                train_loss = self.train_epoch(train, progress)
+                train_seconds = time.perf_counter() - start
+                metrics, _ = self.evaluate(valid)
+                value = metrics[self.monitor]
+                improved = self._improved(value, best_value)
+                record = EpochRecord(epoch, train_loss, metrics, self.optimizers.lr, time.perf_counter() - start,
+                                     len(train) / max(train_seconds, 1e-9), improved)
+                result.history.append(record)
+                self._summary(record)
+                if improved:
+                    best_value, bad_epochs = value, 0
+                    best_state = copy.deepcopy(self.model.state_dict())
+                    result.best_epoch, result.best_valid = epoch, dict(metrics)
+                    if checkpoint is not None:
+                        save_weights(self.model, checkpoint)
+                else:
+                    bad_epochs += 1
+                    if self.config.lr_on_plateau is not None:
+                        self.optimizers.scale_lr(self.config.lr_on_plateau.factor, self.config.lr_on_plateau.min_lr)
+                for callback in self.callbacks:
+                    callback(record)
+                if self.config.early_stopping is not None and bad_epochs >= self.config.early_stopping.patience:
+                    result.stopped_early = True
+                    self.console.print(f"early stopping: no {self.monitor} improvement for {bad_epochs} epochs; "
+                                       f"best epoch {result.best_epoch}")
+                    break
+        if best_state is not None:
+            self.model.load_state_dict(best_state)
+        return result
+
+    def _progress(self) -> Progress | None:
+        if not self.config.progress:
+            return None
+        return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=True)
+
+    def _summary(self, record: EpochRecord) -> None:
+        valid = "  ".join(f"{k} {v:.5f}" for k, v in record.valid.items())
+        mark = "  *best*" if record.improved else ""
+        self.console.print(
+            f"epoch {record.epoch:3d}/{self.config.epochs}  train_loss {record.train_loss:.5f}  valid {valid}  "
+            f"lr {record.lr:.1e}  {record.seconds:.1f}s  {record.samples_per_second:,.0f} samples/s{mark}",
+            highlight=False, soft_wrap=True,
+        )
+

@@ -1,0 +1,40 @@
+"""Shared fixtures.
+
+Tests that need the real data read it in place from ``../shared/datasets`` (or ``$CTRLAB_DATA_DIR``). They skip
+with a reason when it is absent, except when ``CTRLAB_REQUIRE_DATA=1`` (set by ``.ci/run``): then a missing copy
+fails the run instead of silently skipping.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _data_dir() -> Path:
+    env = os.environ.get("CTRLAB_DATA_DIR")
+    return Path(env) if env else REPO.parent / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """The real-data directory; skips (or fails under CI) when it is missing."""
+    path = _data_dir()
+    if not (path / "README.md").exists() and not any(path.glob("*/")):
+        message = f"real datasets not found at {path} (set CTRLAB_DATA_DIR or place ../shared/datasets)"
+        if os.environ.get("CTRLAB_REQUIRE_DATA") == "1":
+            pytest.fail(message + "; CTRLAB_REQUIRE_DATA=1 makes this a failure")
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture()
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An isolated cache directory so tests never share encoded splits."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("CTRLAB_CACHE_DIR", str(path))
+    return path

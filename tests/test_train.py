@@ -1,0 +1,120 @@
+"""End to end on synthetic data: training learns, artefacts are complete, reload reproduces predictions bit for
+bit, runs are deterministic, caching reuses encodings, failures leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from rich.console import Console
+
+from ctrlab.config.loader import validate_recipe
+from ctrlab.data.pipeline import TRUE_PROBABILITY_COLUMN, load_raw_splits
+from ctrlab.serve import Predictor
+from ctrlab.train.run import train_recipe
+
+QUIET = Console(quiet=True)
+
+
+def _recipe(out: Path, **train: object) -> dict:
+    return {
+        "name": "t", "seed": 3, "output_dir": str(out),
+        "dataset": {"synthetic": {"rows": 30000, "categorical_fields": 6, "numeric_fields": 2,
+                                   "informative_fields": 3, "interaction_pairs": 1, "numeric_informative": 1,
+                                   "cardinalities": [5, 20, 50, 200, 1000, 3000]}},
+        "features": {"categorical": ["C1", "C2", "C3", "C4", "C5", "C6"],
+                     "numeric": [{"name": "I1", "transform": "log"}, {"name": "I2", "transform": "bucketize"}]},
+        "embedding": {"dim": 8},
+        "model": {"block": "deepfm", "mlp": {"hidden": [32, 16]}},
+        "train": {"epochs": 4, "batch_size": 1024, "progress": False, "device": "cpu",
+                  "optimizer": {"lr": 3e-3}, **train},
+    }
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("run")
+    import os
+
+    os.environ["CTRLAB_CACHE_DIR"] = str(root / "cache")
+    recipe = validate_recipe(_recipe(root / "out"))
+    result = train_recipe(recipe, console=QUIET)
+    return recipe, result
+
+
+def test_training_learns_towards_bayes_optimal(trained) -> None:
+    _, result = trained
+    test_auc = result.metrics["test"]["auc"]
+    bayes = result.metrics["bayes_optimal_test_auc"]
+    assert 0.6 < bayes < 0.95
+    assert test_auc > 0.5 + 0.6 * (bayes - 0.5), (test_auc, bayes)
+    assert test_auc <= bayes + 0.01
+
+
+def test_artefacts_are_complete(trained) -> None:
+    _, result = trained
+    out = result.output_dir
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["recipe.yaml", "processor.json", "model.safetensors", "metrics.json", "test_predictions.parquet"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"] == result.metrics["test"]
+    assert len(metrics["history"]) == metrics["epochs_run"] >= 1
+    assert not list(out.parent.glob(".*partial*"))
+
+
+def test_reload_reproduces_test_predictions_bit_for_bit(trained) -> None:
+    recipe, result = trained
+    predictor = Predictor.from_run(result.output_dir)
+    raw_test = load_raw_splits(recipe.dataset, recipe.seed).frames["test"]
+    again = predictor.predict(raw_test.drop(["label", TRUE_PROBABILITY_COLUMN]))
+    saved = pl.read_parquet(result.output_dir / "test_predictions.parquet")["probability"].to_numpy()
+    assert again.dtype == saved.dtype == np.float64
+    assert np.array_equal(again, saved)
+
+
+def test_runs_are_deterministic_and_second_run_uses_the_cache(trained, tmp_path: Path) -> None:
+    recipe, result = trained
+    again = train_recipe(recipe.model_copy(update={"output_dir": str(tmp_path / "again")}), console=QUIET)
+    assert again.metrics["test"] == result.metrics["test"]
+    assert [r.train_loss for r in again.fit.history] == [r.train_loss for r in result.fit.history]
+
+
+def test_unseen_categories_are_scored_as_oov(trained) -> None:
+    recipe, result = trained
+    predictor = Predictor.from_run(result.output_dir)
+    rows = load_raw_splits(recipe.dataset, recipe.seed).frames["test"].head(3)
+    rows = rows.with_columns(pl.lit("never-seen").alias("C4"))
+    p = predictor.predict(rows)
+    assert p.shape == (3,) and np.all((p > 0) & (p < 1))
+
+
+def test_early_stopping_and_lr_reduction(tmp_path: Path, cache_dir: Path) -> None:
+    # A huge learning rate overfits at once: validation AUC stops improving, lr drops x0.1, then training stops.
+    recipe = validate_recipe(_recipe(tmp_path / "out", epochs=30, optimizer={"lr": 0.05},
+                                     early_stopping={"patience": 2}, lr_on_plateau={"factor": 0.1}))
+    result = train_recipe(recipe, console=QUIET)
+    history = result.fit.history
+    assert result.fit.stopped_early and len(history) < 30
+    assert not history[-1].improved and not history[-2].improved
+    lrs = [r.lr for r in history]
+    assert lrs[0] == 0.05 and min(lrs) < 0.05
+    assert result.metrics["best_epoch"] == max(r.epoch for r in history if r.improved)
+    # The best epoch's weights are restored before testing.
+    assert result.metrics["valid"]["auc"] == pytest.approx(history[result.fit.best_epoch - 1].valid["auc"], abs=1e-12)
+
+
+def test_failed_run_leaves_no_output(tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ctrlab.train import trainer as trainer_module
+
+    def boom(self, *args, **kwargs):
+        raise RuntimeError("simulated crash mid-training")
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_epoch", boom)
+    recipe = validate_recipe(_recipe(tmp_path / "out"))
+    with pytest.raises(RuntimeError):
+        train_recipe(recipe, console=QUIET)
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p != cache_dir] == []
