@@ -216,25 +216,23 @@ def format_validation_error(error: ValidationError, data: Any, source: str) -> s
     first = error.errors()[0]
     path = _loc_to_path(tuple(first["loc"]), data)
     message = first["msg"]
+    detail = ""
     if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
         # "model: Input tag 'nope' found using 'block' ..." -> "model.block: unknown value 'nope'; valid: ..."
         ctx = first.get("ctx") or {}
         tag_key = str(ctx.get("discriminator", "")).strip("'\"")
         path = f"{path}.{tag_key}" if path != "(top level)" else tag_key
-        valid = str(ctx.get("expected_tags") or "").replace("'", "")
         if first["type"] == "union_tag_invalid":
-            message = f"unknown value {ctx.get('tag')!r}; valid: {valid}" if valid else f"unknown value {ctx.get('tag')!r}"
+            valid = str(ctx.get("expected_tags", "")).replace("'", "")
+            message = f"unknown value {ctx.get('tag')!r}; valid: {valid}"
         else:
             message = "required key is missing (it picks the kind of this section)"
-        more = len(error.errors()) - 1
-        suffix = f" [+{more} more error{'s' if more > 1 else ''}]" if more else ""
-        return f"{source}: {path}: {message}{suffix}"
-    if message.startswith("Value error, "):
-        message = message[len("Value error, "):]
-    detail = ""
-    if first["type"] not in ("missing",) and "input" in first and not isinstance(first["input"], dict):
-        shown = repr(first["input"])
-        detail = f" (got {shown[:80]})"
+    else:
+        if message.startswith("Value error, "):
+            message = message[len("Value error, "):]
+        if first["type"] not in ("missing",) and "input" in first and not isinstance(first["input"], dict):
+            shown = repr(first["input"])
+            detail = f" (got {shown[:80]})"
     more = len(error.errors()) - 1
     suffix = f" [+{more} more error{'s' if more > 1 else ''}]" if more else ""
     return f"{source}: {path}: {message}{detail}{suffix}"

@@ -10,7 +10,6 @@ import gzip
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import polars as pl
 
 from ctrlab.errors import DataError
@@ -118,32 +117,25 @@ def _read_delimited(path: Path, separator: str, header: bool, columns: list[str]
 
 
 def _read_libfm(path: Path, columns: list[str] | None) -> pl.DataFrame:
-    labels: list[str] = []
-    rows: list[list[str]] = []
-    width: int | None = None
-    with _open_text(path) as handle:
-        for line_no, line in enumerate(handle, start=1):
-            tokens = line.split()
-            if not tokens:
-                continue
-            if width is None:
-                width = len(tokens) - 1
-            elif len(tokens) - 1 != width:
-                raise DataError(f"{path}: line {line_no} has {len(tokens) - 1} features, earlier lines have {width}")
-            labels.append(tokens[0])
-            try:
-                rows.append([t.split(":", 2)[-2] if t.count(":") else t for t in tokens[1:]])
-            except IndexError:
-                raise DataError(f"{path}: line {line_no} has a malformed feature token") from None
-    if width is None:
+    """libFM (``label idx:val ...``) or libFFM (``label field:idx:val ...``) rows with one feature per field."""
+    try:
+        lines = pl.read_csv(path, has_header=False, separator="\x1f", quote_char=None, new_columns=["line"],
+                            infer_schema=False)
+    except pl.exceptions.NoDataError:
+        raise DataError(f"{path}: file has no data rows") from None
+    tokens = lines.get_column("line").str.extract_all(r"\S+")
+    tokens = tokens.filter(tokens.list.len() > 0)
+    if len(tokens) == 0:
         raise DataError(f"{path}: file has no data rows")
+    widths = tokens.list.len()
+    width = int(widths[0]) - 1
+    bad = (widths != width + 1).arg_true()
+    if len(bad):
+        raise DataError(f"{path}: line {int(bad[0]) + 1} has {int(widths[int(bad[0])]) - 1} features, "
+                        f"earlier lines have {width}")
     names = columns or ["label"] + [f"f{i}" for i in range(width)]
     if len(names) != width + 1:
         raise DataError(f"{path}: libFM rows have {width} features but dataset.columns names {len(names) - 1}")
-    label_array = np.asarray(labels)
-    label_array = np.where(label_array == "-1", "0", label_array)
-    data = {names[0]: label_array}
-    matrix = np.asarray(rows, dtype=object)
-    for i, name in enumerate(names[1:]):
-        data[name] = matrix[:, i].astype(str)
-    return pl.DataFrame(data).with_columns(pl.all().cast(pl.String))
+    frame = tokens.list.to_struct(fields=names).struct.unnest()
+    index = pl.col(names[1:]).str.replace(r":[^:]*$", "").str.replace(r"^[^:]*:", "")
+    return frame.with_columns(index, pl.col(names[0]).replace("-1", "0"))
