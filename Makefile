@@ -8,6 +8,7 @@
 #   DEVICE        cpu | cuda: which torch / fbgemm build to install (default cpu)
 #   TORCH_INDEX   extra index for torch wheels, e.g. https://download.pytorch.org/whl/cpu
 #                 (CPU machines without a local torch wheel) or https://download.pytorch.org/whl/cu128 (GPU)
+#   FBGEMM        with DEVICE=cuda: the fbgemm-gpu requirement matching your torch/CUDA (default fbgemm-gpu)
 
 PYTHON ?= python3
 DEVICE ?= cpu
@@ -19,11 +20,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.ctrlab-installed-$(DEVICE)
-CTRLAB_DATA_DIR ?= $(abspath ../shared/datasets)
+CTRLAB_DATA_DIR ?= $(if $(wildcard ../shared/datasets),$(abspath ../shared/datasets),)
 export CTRLAB_DATA_DIR
 
 ifeq ($(DEVICE),cuda)
-  FBGEMM := fbgemm-gpu
+  FBGEMM ?= fbgemm-gpu
 else
   FBGEMM := fbgemm-gpu-cpu==$(FBGEMM_CPU_VERSION)
 endif

@@ -19,6 +19,8 @@ What it measures
     dropout 0.2, Adam lr 1e-3, embedding weight decay 0.05, batch 4096). Before timing, the script asserts that both
     models give the same logits (to 1e-5) on a batch, and that one training step through each path gives the same
     loss and the same updated weights, so the comparison is provably between the same model and the same update.
+    During timing both sides shuffle with generators seeded alike and start each round from the same global RNG state
+    (dropout masks), so they train on the same batches and print the same epoch losses (bit for bit on CPU).
 
     After one warm-up epoch per side, the sides are timed epoch by epoch with ``time.perf_counter()``, alternating
     (ctrlab, bare, ctrlab, bare, ...) so that drift in the machine's speed hits both alike. Reported: the median
@@ -36,7 +38,10 @@ How to run
     python benchmarks/throughput.py --sparse --json runs/bench.json
     python benchmarks/throughput.py --help
 
-    Run it on an otherwise idle machine: the two sides share it, and other load makes the ratio noisy.
+    Run it on an otherwise idle machine: the two sides share it, and other load makes the ratio noisy. With
+    ``--threads`` equal to the core count, any other busy process makes every OpenMP parallel region wait for a
+    descheduled thread (epochs can become 10-20x slower and erratic); on a shared machine use ``--threads 1``.
+    The script warns when one side's epoch times differ by more than 15%.
 """
 
 from __future__ import annotations
@@ -163,7 +168,7 @@ class BareDeepFM(nn.Module):
         return self.bias + (fm + deep) + w.sum(dim=(1, 2))
 
     def lazy_l2(self, categorical: torch.Tensor) -> torch.Tensor:
-        """0.5 · Σ‖row‖² over the distinct rows of both tables the batch touches (weight decay for sparse tables)."""
+        """0.5 · Σ‖row‖² over the distinct rows of both tables in the batch (the sparse tables' weight decay)."""
         rows = torch.unique(categorical + self.offsets)
         return 0.5 * (F.embedding(rows, self.table, sparse=True).pow(2).sum()
                       + F.embedding(rows, self.first_order, sparse=True).pow(2).sum())
@@ -245,18 +250,25 @@ def _bare_params(bare: BareDeepFM) -> dict[str, torch.Tensor]:
     }
 
 
-def check_same_model(model: CTRModel, bare: BareDeepFM, trainer: Trainer, data: FeatureBatch,
-                     numeric: torch.Tensor | None, batch_size: int, lazy_decay: float, tol: float = 1e-5) -> dict[str, float]:
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise SystemExit(f"not the same model: {message}")
+
+
+def check_same_model(model: CTRModel, bare: BareDeepFM, trainer: Trainer, data: FeatureBatch, has_numeric: bool,
+                     batch_size: int, lazy_decay: float, tol: float = 1e-5) -> dict[str, float]:
     """Assert both models give the same logits, and that one training step through each path (ctrlab's
     ``train_epoch`` on one batch, the bare loop on the same batch) gives the same loss and weights."""
     batch = data.select(slice(0, batch_size))
+    numeric = batch.numeric if has_numeric else None
+    assert batch.label is not None
     model.eval()
     bare.eval()
     with torch.no_grad():
         a = model(batch)
-        b = bare(batch.categorical, None if numeric is None else batch.numeric)
+        b = bare(batch.categorical, numeric)
     forward_diff = float((a - b).abs().max())
-    assert forward_diff <= tol, f"forward outputs differ by {forward_diff:.3g} (> {tol})"
+    _require(forward_diff <= tol, f"forward outputs differ by {forward_diff:.3g} (> {tol})")
 
     # One step on copies (the timed models stay untouched). Same permutation generator seed on both sides, and the
     # same global RNG state before each so that the dropout masks match.
@@ -268,18 +280,18 @@ def check_same_model(model: CTRModel, bare: BareDeepFM, trainer: Trainer, data: 
     state = torch.get_rng_state()
     loss_a = trainer_c.train_epoch(batch)
     torch.set_rng_state(state)
-    loss_b = bare_epoch(bare_c, opts_c, batch.categorical, None if numeric is None else batch.numeric, batch.label,  # type: ignore[arg-type]
-                        batch_size, torch.Generator().manual_seed(SEED), lazy_decay)
+    loss_b = bare_epoch(bare_c, opts_c, batch.categorical, numeric, batch.label, batch_size,
+                        torch.Generator().manual_seed(SEED), lazy_decay)
     loss_diff = abs(loss_a - loss_b)
     ctrlab_params = dict(model_c.named_parameters())
     bare_params = _bare_params(bare_c)
-    assert set(ctrlab_params) == set(bare_params), sorted(set(ctrlab_params) ^ set(bare_params))
+    _require(set(ctrlab_params) == set(bare_params), f"parameters {sorted(set(ctrlab_params) ^ set(bare_params))}")
     with torch.no_grad():
         step_diff = max(float((ctrlab_params[k] - bare_params[k]).abs().max()) if bare_params[k].numel() else 0.0
                         for k in bare_params)
-    assert loss_diff <= tol, f"one-step losses differ by {loss_diff:.3g} (> {tol})"
+    _require(loss_diff <= tol, f"one-step losses differ by {loss_diff:.3g} (> {tol})")
     # Adam moves each weight by about lr on its first step; agreement far below that means the same update.
-    assert step_diff <= tol, f"weights after one step differ by {step_diff:.3g} (> {tol})"
+    _require(step_diff <= tol, f"weights after one step differ by {step_diff:.3g} (> {tol})")
     return {"forward_max_abs_diff": forward_diff, "one_step_loss_diff": loss_diff,
             "one_step_weight_max_abs_diff": step_diff}
 
@@ -293,6 +305,13 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def frappe_available(data_dir: str | None) -> Path | None:
@@ -314,17 +333,18 @@ def parse_hidden(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", choices=["frappe", "synthetic"], default=None,
-                        help="frappe when the data directory has the Frappe x1 card, else synthetic")
+                        help="default: frappe when the data directory has the Frappe x1 card, else synthetic")
     parser.add_argument("--data-dir", default=None, help="data directory (default: $CTRLAB_DATA_DIR)")
-    parser.add_argument("--rows", type=int, default=300_000, help="synthetic rows before the 80/10/10 split")
-    parser.add_argument("--batch-size", type=int, default=4096)
-    parser.add_argument("--epochs", type=int, default=2, help="measured epochs per side (after 1 warm-up epoch each)")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--embedding-dim", type=int, default=10)
-    parser.add_argument("--hidden", type=parse_hidden, default=[400, 400, 400], help="MLP widths, e.g. 400,400,400")
+    parser.add_argument("--rows", type=int, default=300_000,
+                        help="synthetic rows before the 80/10/10 split (default 300000)")
+    parser.add_argument("--batch-size", type=int, default=4096, help="default 4096")
+    parser.add_argument("--epochs", type=int, default=2,
+                        help="measured epochs per side, after 1 warm-up epoch each (default 2)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--embedding-dim", type=int, default=10, help="default 10")
+    parser.add_argument("--hidden", type=parse_hidden, default=[400, 400, 400], help="MLP widths (default 400,400,400)")
     parser.add_argument("--sparse", action="store_true", help="sparse embedding gradients (SparseAdam) on both sides")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
@@ -367,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     log = Console(stderr=True, highlight=False, soft_wrap=True)
+    load_start = _loadavg()
     recipe = make_recipe(args)
 
     torch.manual_seed(SEED)
@@ -389,23 +410,28 @@ def main(argv: list[str] | None = None) -> int:
     lazy_decay = trainer.optimizers.lazy_embedding_decay
     numeric = train.numeric if layout.numeric else None
     bare_gen = torch.Generator().manual_seed(SEED)  # the same shuffles as the Trainer's generator
-    assert train.label is not None
+    label = train.label
+    assert label is not None
 
-    checks = check_same_model(model, bare, trainer, train, numeric, args.batch_size, lazy_decay)
+    checks = check_same_model(model, bare, trainer, train, numeric is not None, args.batch_size, lazy_decay)
     log.print("same model: forward max |diff| {forward_max_abs_diff:.2g}, one-step loss |diff| "
-              "{one_step_loss_diff:.2g}, one-step weights max |diff| {one_step_weight_max_abs_diff:.2g}".format(**checks))
+              "{one_step_loss_diff:.2g}, one-step weights max |diff| {one_step_weight_max_abs_diff:.2g}"
+              .format(**checks))
 
     def run_ctrlab() -> float:
         return trainer.train_epoch(train)
 
     def run_bare() -> float:
-        return bare_epoch(bare, bare_opts, train.categorical, numeric, train.label, args.batch_size,  # type: ignore[arg-type]
-                          bare_gen, lazy_decay)
+        return bare_epoch(bare, bare_opts, train.categorical, numeric, label, args.batch_size, bare_gen, lazy_decay)
 
     sides = {"ctrlab": (Side("ctrlab Trainer", [], []), run_ctrlab),
              "bare": (Side("bare PyTorch loop", [], []), run_bare)}
+    # Both sides shuffle with their own generator seeded alike, and each round starts both from the same global RNG
+    # state (dropout masks), so they see the same batches and masks and should log the same losses.
     for epoch in range(args.epochs + 1):  # epoch 0 is the warm-up
+        rng = torch.get_rng_state()
         for side, fn in sides.values():
+            torch.set_rng_state(rng)
             t0 = time.perf_counter()
             loss = fn()
             seconds = time.perf_counter() - t0
@@ -420,6 +446,10 @@ def main(argv: list[str] | None = None) -> int:
     ctrlab, bare_side = sides["ctrlab"][0], sides["bare"][0]
     med_c, med_b = statistics.median(ctrlab.rates(n)), statistics.median(bare_side.rates(n))
     ratio = med_c / med_b
+    best_ratio = max(ctrlab.rates(n)) / max(bare_side.rates(n))
+    spread = max(max(side.seconds) / min(side.seconds) for side in (ctrlab, bare_side))
+    load_end = _loadavg()
+    loss_diff = max(abs(a - b) for a, b in zip(ctrlab.losses, bare_side.losses))
     settings = {
         "data": args.data, "training_rows": n, "categorical_fields": len(layout.categorical),
         "numeric_fields": len(layout.numeric), "table_rows": sum(layout.tables().values()),
@@ -428,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         "sparse": args.sparse, "optimizer": "adam", "lr": opt.lr, "embedding_weight_decay": opt.embedding_weight_decay,
         "dense_weight_decay": opt.dense_weight_decay, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_model(),
-        "logical_cpus": os.cpu_count(), "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "logical_cpus": os.cpu_count(), "load_average_1min": {"start": load_start, "end": load_end},
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
     table = markdown_table(ctrlab, bare_side, n, ratio)
     sparse = "sparse" if args.sparse else "dense"
@@ -437,11 +468,19 @@ def main(argv: list[str] | None = None) -> int:
           f"gradients, Adam; torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_model()}, "
           f"{settings['date'][:10]}; median of {args.epochs} epochs per side after 1 warm-up, alternating.\n")
     print(table)
-    print(f"\nratio ctrlab / bare = {ratio:.3f} ({'meets' if ratio >= 0.9 else 'BELOW'} the 0.9 target)")
+    print(f"\nratio ctrlab / bare = {ratio:.3f} ({'meets' if ratio >= 0.9 else 'BELOW'} the 0.9 target); "
+          f"ratio of the best epochs {best_ratio:.3f}")
+    print(f"largest difference of the two sides' epoch losses: {loss_diff:.2g} (same batches and dropout masks; "
+          "0 unless threaded kernels round differently)")
+    if spread > 1.15:
+        print(f"warning: epoch times of one side differ by up to {spread:.2f}x (1-min load average {load_start} at "
+              f"the start, {load_end} at the end): the machine was not idle; rerun on an idle machine or with more "
+              "--epochs before quoting these numbers")
 
     if args.json is not None:
         result = {
-            "settings": settings, "checks": checks, "ratio": ratio,
+            "settings": settings, "checks": checks, "ratio": ratio, "best_epoch_ratio": best_ratio,
+            "max_epoch_time_spread": spread, "max_epoch_loss_diff": loss_diff,
             "ctrlab": {"samples_per_second_median": med_c, "samples_per_second": ctrlab.rates(n),
                        "epoch_seconds": ctrlab.seconds, "train_loss": ctrlab.losses},
             "bare": {"samples_per_second_median": med_b, "samples_per_second": bare_side.rates(n),

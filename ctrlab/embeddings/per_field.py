@@ -72,7 +72,8 @@ class PerFieldEmbedding(FeatureEmbedding):
                 summed = summed / mask.sum(dim=1, keepdim=True).clamp(min=1)
             parts.append(summed.unsqueeze(1))
             sequences[spec.name] = (vectors, mask)
-        return EmbeddingOutput(torch.cat(parts, dim=1), sequences)
+        fields = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # no copy for one kind of field
+        return EmbeddingOutput(fields, sequences)
 
     def lazy_l2(self, batch: FeatureBatch) -> torch.Tensor:
         ids = [(batch.categorical + self.categorical_offsets).reshape(-1)]

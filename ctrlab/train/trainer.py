@@ -96,6 +96,8 @@ class Trainer:
     def train_epoch(self, data: FeatureBatch, progress: Progress | None = None) -> float:
         """One pass over ``data``; returns the mean training loss."""
         self.model.train()
+        if data.group is not None:  # group ids matter for evaluation only; don't shuffle them every epoch
+            data = FeatureBatch(data.categorical, data.numeric, data.sequences, data.label)
         iterator = BatchIterator(data, self.config.batch_size, shuffle=True, generator=self.generator)
         task = progress.add_task("train", total=len(iterator)) if progress is not None else None
         total = torch.zeros((), device=self.device)
