@@ -8,7 +8,6 @@ exit status and stderr. All data is tiny and made up in ``tmp_path``; no case tr
 from __future__ import annotations
 
 import os
-import random
 import re
 import subprocess
 import sys
@@ -20,47 +19,20 @@ import yaml
 
 from ctrlab.blocks import BLOCKS
 from ctrlab.cli import main
+from tiny import HEADER, write_tiny_splits
+from tiny import tiny_recipe as _recipe
+from tiny import tiny_rows as _rows
+from tiny import write_csv as _write_csv
 
-HEADER = "label,a,b,x,t"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 LEFTOVER_SUFFIXES = (".partial", ".tmp", ".old")
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _rows(n: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    return [f"{rng.randint(0, 1)},a{rng.randint(0, 4)},b{rng.randint(0, 6)},{rng.random() * 10:.3f},{i}"
-            for i in range(n)]
-
-
-def _write_csv(path: Path, rows: list[str], header: str = HEADER) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")
-    return path
-
-
 @pytest.fixture()
 def data_dir(tmp_path: Path) -> Path:
     """train/valid/test CSVs (label, categorical a, b, numeric x, time t) plus all.csv for a single-file split."""
-    path = tmp_path / "data"
-    for name, n, seed in (("train", 200, 1), ("valid", 60, 2), ("test", 60, 3), ("all", 300, 4)):
-        _write_csv(path / f"{name}.csv", _rows(n, seed))
-    return path
-
-
-def _recipe(tmp_path: Path, data_dir: Path, **sections: Any) -> dict[str, Any]:
-    recipe: dict[str, Any] = {
-        "name": "t",
-        "output_dir": str(tmp_path / "out"),
-        "dataset": {"train": "train.csv", "valid": "valid.csv", "test": "test.csv", "data_dir": str(data_dir),
-                    "label": "label"},
-        "features": {"categorical": ["a", "b"], "numeric": [{"name": "x", "transform": "log"}]},
-        "model": {"block": "deepfm", "mlp": {"hidden": [8]}},
-        "embedding": {"dim": 4},
-        "train": {"epochs": 1, "batch_size": 256, "progress": False, "device": "cpu"},
-    }
-    recipe.update(sections)
-    return recipe
+    return write_tiny_splits(tmp_path / "data")
 
 
 def _write_recipe(tmp_path: Path, recipe: dict[str, Any], name: str = "recipe.yaml") -> Path:

@@ -3,7 +3,6 @@ writes, and ``flatten``. Data is tiny and made up in ``tmp_path``; the one train
 
 from __future__ import annotations
 
-import random
 import re
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import yaml
 from ctrlab.cli import main
 from ctrlab.config.loader import flatten, interpolate, load_recipe, recipe_to_dict
 from ctrlab.errors import RecipeError
+from tiny import tiny_recipe, write_tiny_splits
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -21,27 +21,7 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # ---------------------------------------------------------------------------------------------------- helpers
 @pytest.fixture()
 def data_dir(tmp_path: Path) -> Path:
-    path = tmp_path / "data"
-    path.mkdir()
-    rng = random.Random(0)
-    for name, n in (("train", 200), ("valid", 60), ("test", 60)):
-        rows = [f"{rng.randint(0, 1)},a{rng.randint(0, 4)},b{rng.randint(0, 6)},{rng.random() * 10:.3f}"
-                for _ in range(n)]
-        (path / f"{name}.csv").write_text("\n".join(["label,a,b,x", *rows]) + "\n", encoding="utf-8")
-    return path
-
-
-def _recipe_dict(tmp_path: Path, data_dir: Path) -> dict[str, Any]:
-    return {
-        "name": "t",
-        "output_dir": str(tmp_path / "out"),
-        "dataset": {"train": "train.csv", "valid": "valid.csv", "test": "test.csv", "data_dir": str(data_dir),
-                    "label": "label"},
-        "features": {"categorical": ["a", "b"], "numeric": [{"name": "x", "transform": "log"}]},
-        "model": {"block": "deepfm", "mlp": {"hidden": [8]}},
-        "embedding": {"dim": 4},
-        "train": {"epochs": 1, "batch_size": 256, "progress": False, "device": "cpu"},
-    }
+    return write_tiny_splits(tmp_path / "data")
 
 
 def _write(tmp_path: Path, recipe: dict[str, Any] | str, name: str = "recipe.yaml") -> Path:
@@ -53,7 +33,7 @@ def _write(tmp_path: Path, recipe: dict[str, Any] | str, name: str = "recipe.yam
 
 @pytest.fixture()
 def recipe_path(tmp_path: Path, data_dir: Path) -> Path:
-    return _write(tmp_path, _recipe_dict(tmp_path, data_dir))
+    return _write(tmp_path, tiny_recipe(tmp_path, data_dir))
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
@@ -100,7 +80,7 @@ def test_later_override_wins_and_whole_section_overrides_compose(recipe_path: Pa
 
 
 def test_override_into_a_section_the_file_leaves_out(tmp_path: Path, data_dir: Path) -> None:
-    data = _recipe_dict(tmp_path, data_dir)
+    data = tiny_recipe(tmp_path, data_dir)
     del data["train"]
     recipe = load_recipe(_write(tmp_path, data), ["train.epochs=2", "train.optimizer.name=adagrad"])
     assert recipe.train.epochs == 2
@@ -111,7 +91,7 @@ def test_override_into_a_section_the_file_leaves_out(tmp_path: Path, data_dir: P
 def test_override_is_seen_by_interpolation_elsewhere(tmp_path: Path, data_dir: Path) -> None:
     # Overrides are applied before interpolation, so a key that refers to an overridden one sees the new value,
     # whichever section comes first in the file.
-    data = _recipe_dict(tmp_path, data_dir)
+    data = tiny_recipe(tmp_path, data_dir)
     data["output_dir"] = str(tmp_path / "runs" / "${name}-${train.batch_size}")
     recipe = load_recipe(_write(tmp_path, data), ["name=renamed", "train.batch_size=64"])
     assert recipe.output_dir == str(tmp_path / "runs" / "renamed-64")
@@ -136,7 +116,7 @@ def test_interpolation_of_names_and_whole_string_references_keep_their_type() ->
 
 
 def test_whole_string_reference_in_a_recipe(tmp_path: Path, data_dir: Path) -> None:
-    data = _recipe_dict(tmp_path, data_dir)
+    data = tiny_recipe(tmp_path, data_dir)
     data["seed"] = 11
     data["dataset"] = {"path": "train.csv", "data_dir": str(data_dir), "split": {"kind": "random", "seed": "${seed}"}}
     data["output_dir"] = str(tmp_path / "runs" / "${name}")
@@ -147,7 +127,7 @@ def test_whole_string_reference_in_a_recipe(tmp_path: Path, data_dir: Path) -> N
 
 def test_default_output_dir_is_interpolated(tmp_path: Path, data_dir: Path) -> None:
     # The schema's default is "runs/${name}": a recipe without output_dir must not get a literal "${name}".
-    data = _recipe_dict(tmp_path, data_dir)
+    data = tiny_recipe(tmp_path, data_dir)
     del data["output_dir"]
     data["name"] = "my_run"
     recipe = load_recipe(_write(tmp_path, data))
@@ -159,7 +139,7 @@ def test_environment_variables(tmp_path: Path, data_dir: Path, monkeypatch: pyte
     monkeypatch.setenv("CTRLAB_TEST_DIM", "6")
     monkeypatch.setenv("CTRLAB_TEST_OUT", str(tmp_path / "env_out"))
     monkeypatch.delenv("CTRLAB_TEST_UNSET", raising=False)
-    data = _recipe_dict(tmp_path, data_dir)
+    data = tiny_recipe(tmp_path, data_dir)
     data["embedding"]["dim"] = "${env:CTRLAB_TEST_DIM}"
     data["output_dir"] = "${env:CTRLAB_TEST_OUT}/${name}"
     data["train"]["batch_size"] = "${env:CTRLAB_TEST_UNSET,128}"
@@ -174,7 +154,7 @@ def test_environment_variables(tmp_path: Path, data_dir: Path, monkeypatch: pyte
 def test_unset_environment_variable_without_default_names_the_key(
         capsys, tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CTRLAB_TEST_UNSET", raising=False)
-    data = _recipe_dict(tmp_path, data_dir)
+    data = tiny_recipe(tmp_path, data_dir)
     data["model"]["mlp"]["dropout"] = "${env:CTRLAB_TEST_UNSET}"
     path = _write(tmp_path, data)
     with pytest.raises(RecipeError) as caught:
@@ -194,7 +174,7 @@ def test_reference_to_a_missing_key_names_both(recipe_path: Path) -> None:
 
 # --------------------------------------------------------------------------------------------------- validate
 def test_validate_prints_the_resolved_recipe_with_defaults(capsys, tmp_path: Path, data_dir: Path) -> None:
-    path = _write(tmp_path, _recipe_dict(tmp_path, data_dir))
+    path = _write(tmp_path, tiny_recipe(tmp_path, data_dir))
     long_dir = str(tmp_path / ("a_rather_long_directory_name_" * 4) / "out")  # longer than any console width
     code, out, err = _cli(capsys, "validate", path, "model.mlp.hidden=[8,4]", f"output_dir={long_dir}")
     assert code == 0, err
@@ -220,7 +200,7 @@ def test_validate_prints_the_resolved_recipe_with_defaults(capsys, tmp_path: Pat
 
 def test_recipe_written_by_a_run_is_accepted_by_validate(capsys, tmp_path: Path, data_dir: Path,
                                                          cache_dir: Path) -> None:
-    data = _recipe_dict(tmp_path, data_dir)
+    data = tiny_recipe(tmp_path, data_dir)
     data["output_dir"] = str(tmp_path / "runs" / "${name}")
     path = _write(tmp_path, data)
     code, out, err = _cli(capsys, "train", path, "model.mlp.hidden=[8,4]", "train.batch_size=128")
