@@ -24,3 +24,7 @@ class RecipeError(CtrlabError):
 
 class DataError(CtrlabError):
     """A data file is missing, empty, malformed, or disagrees with the recipe."""
+
+
+class TrainingDiverged(CtrlabError):
+    """The loss became NaN or infinite; the message suggests what to change in the recipe."""

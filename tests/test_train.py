@@ -118,3 +118,26 @@ def test_failed_run_leaves_no_output(tmp_path: Path, cache_dir: Path, monkeypatc
         train_recipe(recipe, console=QUIET)
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p != cache_dir] == []
+
+
+def test_diverging_loss_is_a_one_line_user_error(tmp_path: Path, cache_dir: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from ctrlab.errors import TrainingDiverged
+    from ctrlab.models.ctr_model import CTRModel
+
+    def nan_forward(self, batch):
+        return torch.full((len(batch),), float("nan"), requires_grad=True)
+
+    monkeypatch.setattr(CTRModel, "forward", nan_forward)
+    recipe = validate_recipe(_recipe(tmp_path / "out"))
+    with pytest.raises(TrainingDiverged, match="training loss became nan; lower train.optimizer.lr"):
+        train_recipe(recipe, console=QUIET)
+    assert not (tmp_path / "out").exists()
+
+
+def test_api_recipe_without_output_dir_is_interpolated() -> None:
+    data = _recipe(Path("unused"))
+    del data["output_dir"]
+    assert validate_recipe(data).output_dir == "runs/t"

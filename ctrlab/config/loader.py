@@ -6,6 +6,7 @@ unknown key the closest valid key.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import re
@@ -239,9 +240,11 @@ def format_validation_error(error: ValidationError, data: Any, source: str) -> s
 
 
 def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Any:
-    """Validate a recipe mapping (already overridden and interpolated) into a ``Recipe``."""
+    """Validate a recipe mapping (overrides already applied) into a ``Recipe``; ``${...}`` references are resolved
+    here, defaults such as ``output_dir: runs/${name}`` included."""
     from ctrlab.config.schema import Recipe
 
+    data = interpolate(fill_interpolated_defaults(Recipe, copy.deepcopy(data)))
     unknown = find_unknown_key(Recipe, data)
     if unknown:
         key, close = unknown
@@ -293,13 +296,10 @@ def fill_interpolated_defaults(model: type[BaseModel], data: dict[str, Any]) -> 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     """Read, override, interpolate and validate a recipe file."""
-    from ctrlab.config.schema import Recipe
-
     data = read_recipe_file(path)
     for text in overrides:
         keys, value = parse_override(text)
         set_path(data, keys, value)
-    data = interpolate(fill_interpolated_defaults(Recipe, data))
     return validate_recipe(data, str(path))
 
 

@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ctrlab.config.train import TrainConfig
 from ctrlab.data.batches import BatchIterator, FeatureBatch
+from ctrlab.errors import TrainingDiverged
 from ctrlab.models.ctr_model import CTRModel
 from ctrlab.train.device import autocast
 from ctrlab.train.metrics import compute_metrics
@@ -122,7 +123,7 @@ class Trainer:
             progress.remove_task(task)
         mean = float(total) / max(len(data), 1)
         if not math.isfinite(mean):
-            raise FloatingPointError(f"training loss became {mean}; lower train.optimizer.lr")
+            raise TrainingDiverged(f"training loss became {mean}; lower train.optimizer.lr or set train.grad_clip_norm")
         return mean
 
     @torch.no_grad()
