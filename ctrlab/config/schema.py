@@ -15,6 +15,8 @@ from ctrlab.blocks import BLOCKS
 from ctrlab.config.base import Section
 from ctrlab.config.dataset import DatasetConfig
 from ctrlab.config.features import FeaturesConfig
+from ctrlab.config.search import SearchConfig
+from ctrlab.config.tracking import TrackingConfig
 from ctrlab.config.train import TrainConfig
 from ctrlab.embeddings import EMBEDDINGS
 from ctrlab.registry import Registry
@@ -32,7 +34,7 @@ ModelConfig = _union(BLOCKS)
 
 
 class Recipe(Section):
-    """A complete, validated ctrlab recipe: data, features, embedding, model block and training."""
+    """A complete, validated ctrlab recipe: data, features, embedding, model block, training, tracking and search."""
 
     name: str = Field("run", pattern=r"^[A-Za-z0-9_.\-]+$")
     seed: int = 2021
@@ -42,3 +44,5 @@ class Recipe(Section):
     embedding: EmbeddingConfig = Field(default_factory=lambda: EMBEDDINGS.get("per_field").config())  # type: ignore[valid-type]
     model: ModelConfig  # type: ignore[valid-type]
     train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    search: SearchConfig | None = None
