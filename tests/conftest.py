@@ -38,3 +38,17 @@ def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "cache"
     monkeypatch.setenv("CTRLAB_CACHE_DIR", str(path))
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_tracking_store(tmp_path_factory: pytest.TempPathFactory):
+    """Point MLflow at a per-session SQLite store so the suite never writes to ~/.ctrlab (or a real server)."""
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = "sqlite:///" + str(root / "mlflow.db")
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield uri
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous

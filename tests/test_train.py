@@ -58,7 +58,8 @@ def test_artefacts_are_complete(trained) -> None:
     _, result = trained
     out = result.output_dir
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["recipe.yaml", "processor.json", "model.safetensors", "metrics.json", "test_predictions.parquet"])
+        ["recipe.yaml", "processor.json", "model.safetensors", "metrics.json", "test_predictions.parquet",
+         "learning_curve.png"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test"] == result.metrics["test"]
     assert len(metrics["history"]) == metrics["epochs_run"] >= 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +35,17 @@ def _row_number(frame: pl.DataFrame, index: int) -> int:
 @dataclass
 class _Vocabulary:
     values: list[str]
+    _mapping: pl.DataFrame | None = field(default=None, init=False, repr=False, compare=False)
 
     def ids(self, strings: pl.Series) -> np.ndarray:
         """Map strings to ids (value i -> i + 2; unseen -> OOV)."""
-        mapping = pl.DataFrame(
-            {"value": self.values, "id": np.arange(FIRST_VALUE_ID, FIRST_VALUE_ID + len(self.values), dtype=np.int32)},
-            schema={"value": pl.String, "id": pl.Int32},
-        )
+        if self._mapping is None:  # built once: serving calls this per request
+            self._mapping = pl.DataFrame(
+                {"value": self.values,
+                 "id": np.arange(FIRST_VALUE_ID, FIRST_VALUE_ID + len(self.values), dtype=np.int32)},
+                schema={"value": pl.String, "id": pl.Int32},
+            )
+        mapping = self._mapping
         joined = (
             pl.DataFrame({"value": strings}).with_row_index("row").join(mapping, on="value", how="left")
             .sort("row").get_column("id").fill_null(OOV_ID)

@@ -5,7 +5,12 @@ failed or interrupted run never leaves a half-written directory behind. It holds
 
 ``recipe.yaml`` (the resolved recipe, which ``ctrlab train`` accepts again), ``processor.json``,
 ``model.safetensors`` (best weights), ``metrics.json`` (valid/test metrics, history) and
-``test_predictions.parquet``.
+``test_predictions.parquet``; with tracking on and ``tracking.log_artifacts``, also ``learning_curve.png``.
+
+With ``tracking.enabled`` (the default) the run is also logged to MLflow (see :mod:`ctrlab.tracking`): the
+flattened resolved recipe as params, system facts as tags, per-epoch metrics, final test and best validation
+metrics, and the artefact files, which are uploaded once the output directory is in place. A failed run leaves no
+output directory and its MLflow run is marked FAILED.
 """
 
 from __future__ import annotations
@@ -23,12 +28,14 @@ import torch
 import yaml
 from rich.console import Console
 
-from ctrlab.config.loader import recipe_to_dict
+from ctrlab.config.loader import flatten, recipe_to_dict
 from ctrlab.config.schema import Recipe
 from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.pipeline import TRUE_PROBABILITY_COLUMN, PreparedData, prepare_data
 from ctrlab.errors import RecipeError
 from ctrlab.models import build_model
+from ctrlab.tracking import RunLogger, learning_curve_figure, mlflow_run, system_tags
+from ctrlab.tracking.mlflow_tracker import redact_uri
 from ctrlab.train.device import resolve_device
 from ctrlab.train.metrics import auc
 from ctrlab.train.trainer import EpochCallback, FitResult, Trainer
@@ -40,6 +47,8 @@ PROCESSOR_FILE = "processor.json"
 WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "test_predictions.parquet"
+LEARNING_CURVE_FILE = "learning_curve.png"
+TRACKED_FILES = (RECIPE_FILE, PROCESSOR_FILE, METRICS_FILE, WEIGHTS_FILE, LEARNING_CURVE_FILE)
 
 
 @dataclass
@@ -50,6 +59,7 @@ class RunResult:
     metrics: dict[str, Any]
     fit: FitResult
     recipe: Recipe
+    mlflow_run_id: str | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -65,8 +75,9 @@ def resolved_recipe(recipe: Recipe, data: PreparedData) -> Recipe:
 
 
 def train_recipe(recipe: Recipe, data_dir: str | Path | None = None, console: Console | None = None,
-                 callbacks: list[EpochCallback] | None = None) -> RunResult:
-    """Train, evaluate and save one run as the recipe describes."""
+                 callbacks: list[EpochCallback] | None = None, parent_run_id: str | None = None) -> RunResult:
+    """Train, evaluate and save one run as the recipe describes; with tracking on, log it to MLflow as well
+    (nested under ``parent_run_id`` when given, e.g. a sweep's run)."""
     console = console or Console(stderr=True)
     started = time.perf_counter()
     if recipe.train.num_threads:
@@ -78,15 +89,36 @@ def train_recipe(recipe: Recipe, data_dir: str | Path | None = None, console: Co
                                   (recipe.train.early_stopping and recipe.train.early_stopping.monitor == "gauc")):
         raise RecipeError("train.metrics: gauc needs dataset.group_by (the column that groups rows, e.g. a user id)")
     recipe = resolved_recipe(recipe, data)
-    layout = data.processor.layout
     sizes = {s: len(v) for s, v in data.splits.items()}
     console.print(f"data: train {sizes['train']:,}  valid {sizes['valid']:,}  test {sizes['test']:,} rows; "
-                  f"{layout.num_fields} fields; device {device}", highlight=False, soft_wrap=True)
+                  f"{data.processor.layout.num_fields} fields; device {device}", highlight=False, soft_wrap=True)
 
+    with mlflow_run(recipe.tracking, experiment=recipe.tracking.experiment or recipe.name,
+                    run_name=recipe.tracking.run_name or recipe.name, parent_run_id=parent_run_id) as tracker:
+        if tracker is not None:
+            console.print(f"mlflow: run {tracker.run_id} ({redact_uri(tracker.tracking_uri)})", highlight=False,
+                          soft_wrap=True)
+            tracker.set_tags({**system_tags(), "system.device": str(device)})
+            tracker.log_params(flatten(recipe_to_dict(recipe)))
+        metrics, fit, output_dir = _train_and_save(recipe, data, device, console, callbacks, tracker, started)
+        if tracker is not None:
+            _log_results(tracker, metrics, fit, output_dir, recipe.tracking.log_artifacts)
+    _print_result(console, metrics, output_dir)
+    return RunResult(output_dir, metrics, fit, recipe, tracker.run_id if tracker is not None else None)
+
+
+def _train_and_save(recipe: Recipe, data: PreparedData, device: torch.device, console: Console,
+                    callbacks: list[EpochCallback] | None, tracker: RunLogger | None,
+                    started: float) -> tuple[dict[str, Any], FitResult, Path]:
+    """Build the model, fit, test and write the output directory (atomically)."""
+    layout = data.processor.layout
+    sizes = {s: len(v) for s, v in data.splits.items()}
     seed_everything(recipe.seed)
     model = build_model(recipe.embedding, recipe.model, layout)
     batches = {s: FeatureBatch.from_encoded(v) for s, v in data.splits.items()}
-    trainer = Trainer(model, recipe.train, device, seed=recipe.seed, console=console, callbacks=callbacks)
+    # The tracker logs each epoch before the caller's callbacks run (one of them may raise, e.g. a pruner).
+    all_callbacks = ([tracker.log_epoch] if tracker is not None else []) + list(callbacks or [])
+    trainer = Trainer(model, recipe.train, device, seed=recipe.seed, console=console, callbacks=all_callbacks)
 
     output_dir = Path(recipe.output_dir)
     with atomic_directory(output_dir) as tmp:
@@ -101,15 +133,32 @@ def train_recipe(recipe: Recipe, data_dir: str | Path | None = None, console: Co
             "epochs_run": len(fit.history), "stopped_early": fit.stopped_early,
             "rows": sizes, "device": str(device), "seconds": time.perf_counter() - started,
             "history": [r.as_dict() for r in fit.history],
+            "mlflow_run_id": tracker.run_id if tracker is not None else None,
         }
         test_frame = data.raw.frames["test"]
         if TRUE_PROBABILITY_COLUMN in test_frame.columns:
             truth = test_frame.get_column(TRUE_PROBABILITY_COLUMN).to_numpy()
             metrics["bayes_optimal_test_auc"] = auc(batches["test"].label.numpy(), truth)  # type: ignore[union-attr]
         pl.DataFrame({"probability": test_probabilities}).write_parquet(tmp / PREDICTIONS_FILE)
+        if tracker is not None and recipe.tracking.log_artifacts and fit.history:
+            learning_curve_figure(fit.history).savefig(tmp / LEARNING_CURVE_FILE, dpi=100)
         write_json_atomic(tmp / METRICS_FILE, metrics)
-    _print_result(console, metrics, output_dir)
-    return RunResult(output_dir, metrics, fit, recipe)
+    return metrics, fit, output_dir
+
+
+def _log_results(tracker: RunLogger, metrics: dict[str, Any], fit: FitResult, output_dir: Path,
+                 log_artifacts: bool) -> None:
+    """Final metrics, then (the output directory being in place) the artefact files."""
+    final: dict[str, float] = {f"test_{k}": v for k, v in metrics["test"].items()}
+    final.update({f"best_valid_{k}": v for k, v in fit.best_valid.items()})
+    final.update({"best_epoch": fit.best_epoch, "epochs_run": len(fit.history), "seconds": metrics["seconds"]})
+    if "bayes_optimal_test_auc" in metrics:
+        final["bayes_optimal_test_auc"] = metrics["bayes_optimal_test_auc"]
+    tracker.log_metrics(final)
+    if log_artifacts:
+        for name in TRACKED_FILES:
+            if (output_dir / name).is_file():
+                tracker.log_artifact(output_dir / name)
 
 
 def _print_result(console: Console, metrics: dict[str, Any], output_dir: Path) -> None:
