@@ -57,6 +57,15 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     err.print(f"{escape(str(recipe))}: valid", highlight=False)
 
 
+@app.command()
+def sweep(recipe: RecipeArg, overrides: OverridesArg = None, data_dir: DataDirOpt = None) -> None:
+    """Run RECIPE's search section as an Optuna study (rerun to resume; run several to share the study)."""
+    from ctrlab.search.sweep import run_sweep
+
+    result = run_sweep(recipe, overrides or [], data_dir=data_dir, console=err)
+    out.print_json(data=result.summary())
+
+
 @datasets_app.command("list")
 def datasets_list(data_dir: DataDirOpt = None) -> None:
     """List the dataset cards and whether their files are present in the data directory."""
