@@ -66,6 +66,50 @@ def sweep(recipe: RecipeArg, overrides: OverridesArg = None, data_dir: DataDirOp
     out.print_json(data=result.summary())
 
 
+TrackingUriOpt = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI "
+                                                      "(default: the run's recipe, $MLFLOW_TRACKING_URI, ~/.ctrlab)")]
+
+
+@app.command()
+def register(
+    run: Annotated[str, typer.Argument(help="a run directory (output_dir of ctrlab train) or an MLflow run id")],
+    name: Annotated[str, typer.Option("--name", help="registered model name")],
+    alias: Annotated[Optional[str], typer.Option("--alias", help="alias to point at this version")] = None,
+    tracking_uri: TrackingUriOpt = None,
+) -> None:
+    """Register RUN as an MLflow pyfunc model that takes raw rows and returns click probabilities."""
+    from ctrlab.serve.registry import register_run
+
+    result = register_run(run, name, alias=alias, tracking_uri=tracking_uri)
+    out.print_json(data={"name": result.name, "version": result.version, "alias": result.alias,
+                         "model_uri": result.model_uri, "run_id": result.run_id})
+
+
+@app.command()
+def serve(
+    name: Annotated[str, typer.Argument(help="registered model name")],
+    alias: Annotated[Optional[str], typer.Option("--alias", help="serve this alias (default champion)")] = None,
+    version: Annotated[Optional[str], typer.Option("--version", help="serve this version instead")] = None,
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 5000,
+    workers: Annotated[int, typer.Option("--workers")] = 1,
+    tracking_uri: TrackingUriOpt = None,
+) -> None:
+    """Serve a registered model over HTTP (`mlflow models serve --env-manager local`; POST /invocations)."""
+    import os
+    import subprocess
+
+    from ctrlab.serve.registry import serve_command
+
+    command = serve_command(name, alias if alias or version else "champion", version, host, port, workers)
+    env = dict(os.environ)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    err.print(" ".join(command), highlight=False, soft_wrap=True)
+    raise typer.Exit(subprocess.call(command, env=env))
+
+
 @datasets_app.command("list")
 def datasets_list(data_dir: DataDirOpt = None) -> None:
     """List the dataset cards and whether their files are present in the data directory."""

@@ -8,6 +8,7 @@ fails the run instead of silently skipping.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,28 @@ def mlflow_tracking_store(tmp_path_factory: pytest.TempPathFactory):
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+# ------------------------------------------------------------------------------------------ real services
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A real PostgreSQL server on loopback (databases ``mlflow`` and ``optuna``); skips without the binaries,
+    except under CI (``CTRLAB_REQUIRE_SERVICES=1``), where their absence fails."""
+    from services import postgres_bindir, postgres_server
+
+    if postgres_bindir() is None:
+        message = "PostgreSQL is not installed (Debian package postgresql; `make test` installs it as root)"
+        if os.environ.get("CTRLAB_REQUIRE_SERVICES") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    with postgres_server(("mlflow", "optuna")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_uri(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` process on loopback, backed by the PostgreSQL server."""
+    from services import mlflow_server
+
+    with mlflow_server(f"{postgres_url}/mlflow", tmp_path_factory.mktemp("mlflow-artifacts")) as uri:
+        yield uri

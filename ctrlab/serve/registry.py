@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -70,10 +71,16 @@ def _run_files(run: str, tracking_uri: str | None) -> tuple[Path, str | None]:
         metrics = path / METRICS_FILE
         run_id = json.loads(metrics.read_text()).get("mlflow_run_id") if metrics.exists() else None
         return path, run_id
+    if "/" in run or "\\" in run or run.startswith("."):
+        raise CtrlabError(f"{run}: run directory not found")
     import mlflow
 
+    from ctrlab.config.tracking import TrackingConfig
+    from ctrlab.tracking import resolve_tracking_uri
+
     try:
-        local = mlflow.artifacts.download_artifacts(run_id=run, tracking_uri=tracking_uri)
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run, tracking_uri=tracking_uri or resolve_tracking_uri(TrackingConfig()))
     except Exception as exc:  # mlflow raises several types for unknown ids
         raise CtrlabError(f"{run}: neither a run directory nor an MLflow run id with artefacts ({exc})".splitlines()[0])
     hits = sorted(Path(local).rglob(RECIPE_FILE))
@@ -105,7 +112,8 @@ def register_run(run: str, name: str, alias: str | None = None, tracking_uri: st
             run_id = logger.run_id
     from ctrlab import __version__
 
-    with mlflow.start_run(run_id=run_id):
+    # MLflow prints progress and "View run" links to stdout; the CLI's stdout carries only its JSON result.
+    with contextlib.redirect_stdout(sys.stderr), mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(MODEL_CODE),
@@ -115,7 +123,8 @@ def register_run(run: str, name: str, alias: str | None = None, tracking_uri: st
             input_example=input_example(processor),
             pip_requirements=[f"ctrlab=={__version__}"],
         )
-    version = mlflow.register_model(info.model_uri, name)
+    with contextlib.redirect_stdout(sys.stderr):
+        version = mlflow.register_model(info.model_uri, name)
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
     return RegisteredModel(name, str(version.version), alias, info.model_uri, run_id)

@@ -281,7 +281,9 @@ def mlflow_run(tracking: TrackingConfig, experiment: str, run_name: str | None =
 def _terminate(logger: RunLogger, status: str, quiet: bool = True) -> None:
     """End the run; when the block already failed, a tracking error must not hide the original exception."""
     try:
-        logger.client.set_terminated(logger.run_id, status)
+        # MLflow prints "View run ... at: <url>" to stdout for HTTP stores; stdout belongs to the CLI's JSON.
+        with contextlib.redirect_stdout(sys.stderr):
+            logger.client.set_terminated(logger.run_id, status)
     except Exception:
         if not quiet:
             raise
