@@ -115,3 +115,15 @@ def test_bad_label_names_column_and_row(value: str) -> None:
     frame = _frame().with_columns(pl.Series("label", ["1", "0", value, "1", "0", "1"]))
     with pytest.raises(DataError, match=rf"train\.csv: column 'label' row 3: label '{value}' is not 0 or 1"):
         FeatureProcessor(_features(), "label").fit(frame, "train.csv")
+
+
+def test_small_and_large_batches_encode_identically() -> None:
+    # Small batches (serving) take a dict lookup, large ones a hash join: they must agree value for value.
+    rng = np.random.default_rng(3)
+    values = [f"v{i}" for i in rng.integers(0, 50, 600)] + ["never-seen"]
+    frame = pl.DataFrame({"label": ["0"] * len(values), "c": values})
+    proc = FeatureProcessor(FeaturesConfig(categorical=["c"]), "label").fit(frame.head(300))
+    whole = proc.transform(frame).categorical[:, 0]
+    pieces = np.concatenate([proc.transform(frame.slice(i, 7)).categorical[:, 0] for i in range(0, frame.height, 7)])
+    assert len(frame) > 256 and np.array_equal(whole, pieces)
+    assert whole[-1] == OOV_ID

@@ -19,6 +19,7 @@ from ctrlab.errors import DataError
 from ctrlab.utils.io import write_json_atomic
 
 NULL_TOKEN = "__null__"
+_SMALL_BATCH = 256
 FORMAT_VERSION = 1
 ROW_COLUMN = "__ctrlab_source_row"
 """Optional column holding each row's 1-based data row in its source file. The pipeline adds it before it splits one
@@ -37,8 +38,17 @@ class _Vocabulary:
     values: list[str]
     _mapping: pl.DataFrame | None = field(default=None, init=False, repr=False, compare=False)
 
+    _index: dict[str, int] | None = field(default=None, init=False, repr=False, compare=False)
+
     def ids(self, strings: pl.Series) -> np.ndarray:
         """Map strings to ids (value i -> i + 2; unseen -> OOV)."""
+        if len(strings) <= _SMALL_BATCH:
+            # A hash join costs ~0.1 ms of fixed overhead per field; a dict lookup makes single-row serving fast.
+            if self._index is None:
+                self._index = {v: i + FIRST_VALUE_ID for i, v in enumerate(self.values)}
+            index = self._index
+            return np.fromiter((index.get(v, OOV_ID) for v in strings.to_list()), dtype=np.int32,
+                               count=len(strings))
         if self._mapping is None:  # built once: serving calls this per request
             self._mapping = pl.DataFrame(
                 {"value": self.values,
