@@ -104,8 +104,11 @@ def serve(
     command = serve_command(name, alias if alias or version else "champion", version, host, port, workers)
     env = dict(os.environ)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    if tracking_uri:
-        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    from ctrlab.config.tracking import TrackingConfig
+    from ctrlab.tracking import resolve_tracking_uri
+
+    # The same store `ctrlab register` wrote to: --tracking-uri, $MLFLOW_TRACKING_URI, else ~/.ctrlab/mlflow.db.
+    env["MLFLOW_TRACKING_URI"] = tracking_uri or resolve_tracking_uri(TrackingConfig())
     err.print(" ".join(command), highlight=False, soft_wrap=True)
     raise typer.Exit(subprocess.call(command, env=env))
 
