@@ -96,19 +96,16 @@ def serve(
     tracking_uri: TrackingUriOpt = None,
 ) -> None:
     """Serve a registered model over HTTP (`mlflow models serve --env-manager local`; POST /invocations)."""
-    import os
     import subprocess
 
-    from ctrlab.serve.registry import serve_command
-
-    command = serve_command(name, alias if alias or version else "champion", version, host, port, workers)
-    env = dict(os.environ)
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     from ctrlab.config.tracking import TrackingConfig
+    from ctrlab.serve.registry import serve_command
+    from ctrlab.serve.server import venv_env
     from ctrlab.tracking import resolve_tracking_uri
 
+    command = serve_command(name, alias if alias or version else "champion", version, host, port, workers)
     # The same store `ctrlab register` wrote to: --tracking-uri, $MLFLOW_TRACKING_URI, else ~/.ctrlab/mlflow.db.
-    env["MLFLOW_TRACKING_URI"] = tracking_uri or resolve_tracking_uri(TrackingConfig())
+    env = venv_env(MLFLOW_TRACKING_URI=tracking_uri or resolve_tracking_uri(TrackingConfig()))
     err.print(" ".join(command), highlight=False, soft_wrap=True)
     raise typer.Exit(subprocess.call(command, env=env))
 

@@ -12,13 +12,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ctrlab.serve.server import free_port
+from ctrlab.serve.server import free_port, running_process, venv_env
 
 
 def postgres_bindir() -> Path | None:
@@ -73,29 +71,10 @@ def mlflow_server(backend_uri: str, artifacts: Path, startup_timeout: float = 12
     """Start ``mlflow server`` with the given backend store; yields its ``http://127.0.0.1:PORT`` URI."""
     port = free_port()
     mlflow_bin = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or "mlflow"
-    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    env = venv_env()
     env.pop("MLFLOW_TRACKING_URI", None)
-    process = subprocess.Popen(
-        [mlflow_bin, "server", "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    command = [mlflow_bin, "server", "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts),
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {process.stderr.read().decode()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("mlflow server did not start in time") from None
-                time.sleep(0.5)
+    with running_process(command, env, f"{uri}/health", "mlflow server", startup_timeout):
         yield uri
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()

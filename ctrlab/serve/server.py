@@ -46,33 +46,46 @@ class ServedModel:
 
 
 @contextmanager
-def serve_registered(name: str, alias: str | None = "champion", tracking_uri: str | None = None,
-                     startup_timeout: float = 120, workers: int = 1) -> Iterator[ServedModel]:
-    """Start ``mlflow models serve --env-manager local`` for ``models:/name@alias`` and stop it on exit."""
-    port = free_port()
-    env = dict(os.environ)
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")  # uvicorn lives in the venv
-    if tracking_uri:
-        env["MLFLOW_TRACKING_URI"] = tracking_uri
-    process = subprocess.Popen(serve_command(name, alias, None, "127.0.0.1", port, workers), env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def running_process(command: list[str], env: dict[str, str], ready_url: str, what: str,
+                    startup_timeout: float = 120) -> Iterator[subprocess.Popen[bytes]]:
+    """Start ``command``, wait until ``ready_url`` answers, and stop the process on exit (terminate, then kill)."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + startup_timeout
         while True:
             if process.poll() is not None:
                 tail = process.stderr.read().decode(errors="replace")[-1500:] if process.stderr else ""
-                raise CtrlabError(f"mlflow models serve exited with status {process.returncode}: {tail}")
+                raise CtrlabError(f"{what} exited with status {process.returncode}: {tail}")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                with urllib.request.urlopen(ready_url, timeout=2):
                     break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise CtrlabError(f"mlflow models serve did not answer on port {port} within {startup_timeout}s")
+                    raise CtrlabError(f"{what} did not answer at {ready_url} within {startup_timeout}s") from None
                 time.sleep(0.3)
-        yield ServedModel(port)
+        yield process
     finally:
         process.terminate()
         try:
-            process.wait(timeout=10)
+            process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def venv_env(**extra: str) -> dict[str, str]:
+    """The environment with this interpreter's bin directory first on PATH (uvicorn, mlflow live there)."""
+    env = dict(os.environ)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env.update(extra)
+    return env
+
+
+@contextmanager
+def serve_registered(name: str, alias: str | None = "champion", tracking_uri: str | None = None,
+                     startup_timeout: float = 120, workers: int = 1) -> Iterator[ServedModel]:
+    """Start ``mlflow models serve --env-manager local`` for ``models:/name@alias`` and stop it on exit."""
+    port = free_port()
+    env = venv_env(**({"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {}))
+    command = serve_command(name, alias, None, "127.0.0.1", port, workers)
+    with running_process(command, env, f"http://127.0.0.1:{port}/ping", "mlflow models serve", startup_timeout):
+        yield ServedModel(port)

@@ -179,17 +179,24 @@ class RunLogger:
     def artifact_uri(self) -> str:
         return str(self.client.get_run(self.run_id).info.artifact_uri)
 
-    def log_params(self, params: dict[str, Any]) -> None:
-        """Log parameters in batches of at most 100; values are ``str()``-ed and cut to MLflow's length limit."""
-        from mlflow.entities import Param
+    def _log_strings(self, kind: str, values: dict[str, Any], limit_name: str, fallback_limit: int) -> None:
+        """Params or tags: ``str()``-ed values cut to MLflow's length limit, sent in batches of at most 100."""
+        from mlflow.entities import Param, RunTag
 
         try:
-            from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH as limit
-        except ImportError:  # pragma: no cover - older MLflow
-            limit = 500
-        items = [Param(_key(k), str(v)[:limit]) for k, v in params.items()]
+            from mlflow.utils import validation
+
+            limit = int(getattr(validation, limit_name))
+        except (ImportError, AttributeError):  # pragma: no cover - older MLflow
+            limit = fallback_limit
+        entity = Param if kind == "params" else RunTag
+        items = [entity(_key(k), str(v)[:limit]) for k, v in values.items()]
         for i in range(0, len(items), _PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=items[i:i + _PARAMS_PER_BATCH], synchronous=True)
+            self.client.log_batch(self.run_id, **{kind: items[i:i + _PARAMS_PER_BATCH]}, synchronous=True)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log parameters in batches of at most 100; values are ``str()``-ed and cut to MLflow's length limit."""
+        self._log_strings("params", params, "MAX_PARAM_VAL_LENGTH", 500)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Log metrics (at ``step``, default 0); NaN values are skipped."""
@@ -229,15 +236,7 @@ class RunLogger:
         self.client.log_figure(self.run_id, figure, name)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        try:
-            from mlflow.utils.validation import MAX_TAG_VAL_LENGTH as limit
-        except ImportError:  # pragma: no cover - older MLflow
-            limit = 5000
-        items = [RunTag(_key(k), str(v)[:limit]) for k, v in tags.items()]
-        for i in range(0, len(items), _PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, tags=items[i:i + _PARAMS_PER_BATCH], synchronous=True)
+        self._log_strings("tags", tags, "MAX_TAG_VAL_LENGTH", 5000)
 
 
 @contextmanager
