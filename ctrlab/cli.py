@@ -110,6 +110,26 @@ def serve(
     raise typer.Exit(subprocess.call(command, env=env))
 
 
+@app.command()
+def explain(
+    run: Annotated[Path, typer.Argument(help="a run directory of an attention model (autoint, autoint_plus)")],
+    rows: Annotated[int, typer.Option("--rows", help="test rows to average the attention over")] = 2000,
+    output: Annotated[Optional[Path], typer.Option("--output", help="PNG path (default RUN/attention.png)")] = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Draw which fields attend to which (a heat map per attention layer, averaged over test rows)."""
+    from ctrlab.config.loader import read_recipe_file, validate_recipe
+    from ctrlab.data.pipeline import load_raw_splits
+    from ctrlab.serve.explain import explain_run
+    from ctrlab.train.run import RECIPE_FILE
+
+    recipe = validate_recipe(read_recipe_file(run / RECIPE_FILE), str(run / RECIPE_FILE))
+    test = load_raw_splits(recipe.dataset, recipe.seed, data_dir).frames["test"].head(rows)
+    target = output or run / "attention.png"
+    maps = explain_run(run, test, target)
+    out.print_json(data={"output": str(target), "layers": len(maps), "rows": test.height})
+
+
 @datasets_app.command("list")
 def datasets_list(data_dir: DataDirOpt = None) -> None:
     """List the dataset cards and whether their files are present in the data directory."""

@@ -1,0 +1,67 @@
+"""Explain a trained attention model: which fields attend to which (AutoInt, Song et al. 2019, eq. 5)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from ctrlab.data.batches import FeatureBatch
+from ctrlab.errors import CtrlabError
+from ctrlab.serve.predictor import Predictor
+
+
+@torch.no_grad()
+def attention_maps(predictor: Predictor, rows: pl.DataFrame) -> list[np.ndarray]:
+    """Mean attention weights over ``rows`` and heads, one ``[F, F]`` matrix per attention layer
+    (row i: how field i distributes its attention over all fields)."""
+    block = predictor.model.block
+    if block is None or not hasattr(block, "record_attention"):
+        name = predictor.recipe.model.block
+        raise CtrlabError(f"model.block '{name}' has no attention to explain (use autoint or autoint_plus)")
+    encoded = predictor.processor.transform(rows, "explain rows", with_label=False)
+    block.record_attention(True)
+    try:
+        predictor.model(FeatureBatch.from_encoded(encoded).to(predictor.device))
+        maps = [m.mean(dim=(0, 1)).cpu().numpy() for m in block.attention_maps()]
+    finally:
+        block.record_attention(False)
+    return maps
+
+
+def attention_figure(maps: list[np.ndarray], field_names: list[str], title: str):  # type: ignore[no-untyped-def]
+    """One heat map per attention layer (Agg backend: no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = len(maps)
+    size = max(4.0, 0.45 * len(field_names) + 2)
+    figure = Figure(figsize=(size * n, size))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, n, squeeze=False)[0]
+    for i, (ax, matrix) in enumerate(zip(axes, maps)):
+        image = ax.imshow(matrix, cmap="viridis")
+        ax.set_xticks(range(len(field_names)), field_names, rotation=90, fontsize=8)
+        ax.set_yticks(range(len(field_names)), field_names, fontsize=8)
+        ax.set_xlabel("attended field")
+        ax.set_ylabel("query field")
+        ax.set_title(f"layer {i + 1}")
+        figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def explain_run(run_dir: Path, rows: pl.DataFrame, output: Path) -> list[np.ndarray]:
+    """Write the attention heat map of a finished run, averaged over ``rows``, to ``output`` (PNG)."""
+    from ctrlab.utils.io import atomic_path
+
+    predictor = Predictor.from_run(run_dir)
+    maps = attention_maps(predictor, rows)
+    figure = attention_figure(maps, predictor.processor.layout.names,
+                              f"{predictor.recipe.name}: mean attention over {rows.height:,} rows")
+    with atomic_path(output) as tmp:
+        figure.savefig(tmp, dpi=110, format="png")
+    return maps

@@ -1,0 +1,103 @@
+"""FGCNN: shapes, the number of generated fields, the inner-product features, config validation, and that it
+learns planted pairwise interactions that logistic regression cannot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from ctrlab.blocks import BLOCKS
+from ctrlab.blocks.base import BlockInput
+from ctrlab.blocks.fgcnn import FGCNNConfig, pairwise_inner_products
+from ctrlab.config.loader import validate_recipe
+from ctrlab.data.batches import FeatureBatch
+from ctrlab.data.layout import FeatureLayout, FieldSpec
+from ctrlab.embeddings import EMBEDDINGS
+from ctrlab.embeddings.base import EmbeddingOutput
+from ctrlab.models import build_model
+from ctrlab.train.run import train_recipe
+
+QUIET = Console(quiet=True)
+SMALL = {"channels": [4, 6], "kernel_heights": [3, 3], "pooling_sizes": [2, 3], "recombined_maps": [2, 3],
+         "mlp": {"hidden": [16]}}
+
+
+def _layout(num_fields: int) -> FeatureLayout:
+    return FeatureLayout(tuple(FieldSpec(f"c{i}", "categorical", 9, f"c{i}") for i in range(num_fields)))
+
+
+def _block(num_fields: int, dim: int = 4, **overrides: object):
+    config = BLOCKS.get("fgcnn").config(**{**SMALL, **overrides})
+    return BLOCKS.build(config, BlockInput(_layout(num_fields), dim))
+
+
+@pytest.mark.parametrize("num_fields", [1, 2, 5, 7])
+def test_output_shape_and_generated_field_count(num_fields: int) -> None:
+    block = _block(num_fields)
+    fields = torch.randn(3, num_fields, 4)
+    assert block(EmbeddingOutput(fields)).shape == (3,)
+    # Heights: the convolutions keep them, pooling rounds up: h1 = ceil(F / 2), h2 = ceil(h1 / 3).
+    h1 = -(-num_fields // 2)
+    h2 = -(-h1 // 3)
+    expected = h1 * 2 + h2 * 3
+    assert block.generation.num_generated == expected
+    assert block.generation(fields).shape == (3, expected, 4)
+    total = num_fields + expected
+    assert block.mlp[0].in_features == total * 4 + total * (total - 1) // 2
+
+
+def test_default_config_on_ten_fields_generates_33_fields() -> None:
+    block = BLOCKS.build(FGCNNConfig(), BlockInput(_layout(10), 10))
+    assert block.generation.num_generated == 3 * (5 + 3 + 2 + 1)
+
+
+def test_pairwise_inner_products_match_a_double_loop() -> None:
+    fields = torch.randn(2, 6, 5)
+    rows, cols = torch.triu_indices(6, 6, offset=1)
+    naive = torch.stack([(fields[:, i] * fields[:, j]).sum(-1) for i in range(6) for j in range(i + 1, 6)], dim=1)
+    torch.testing.assert_close(pairwise_inner_products(fields, rows, cols), naive)
+
+
+def test_fgcnn_trains_end_to_end_through_the_model() -> None:
+    model = build_model(EMBEDDINGS.get("per_field").config(dim=4), BLOCKS.get("fgcnn").config(**SMALL), _layout(5))
+    batch = FeatureBatch(categorical=torch.randint(1, 9, (6, 5)), numeric=torch.zeros(6, 0), sequences={},
+                         label=torch.randint(0, 2, (6,)).float())
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), batch.label)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.numel())  # no numeric fields here
+
+
+def test_mismatched_list_lengths_are_a_one_line_error() -> None:
+    with pytest.raises(ValueError, match="channels, kernel_heights, pooling_sizes, recombined_maps need one entry "
+                                         "per block each; channels has 2, kernel_heights has 1"):
+        FGCNNConfig(channels=[4, 6], kernel_heights=[3], pooling_sizes=[2, 2], recombined_maps=[2, 2])
+
+
+def _recipe(out: Path, model: dict) -> dict:
+    return {
+        "name": "fgcnn_vs_lr", "seed": 5, "output_dir": str(out),
+        "dataset": {"synthetic": {"rows": 20000, "categorical_fields": 5, "numeric_fields": 0,
+                                   "informative_fields": 1, "interaction_pairs": 2, "numeric_informative": 0,
+                                   "cardinalities": [6, 8, 10, 12, 16], "main_effect_scale": 0.3,
+                                   "interaction_scale": 1.0}},
+        "features": {"categorical": ["C1", "C2", "C3", "C4", "C5"]},
+        "embedding": {"dim": 8},
+        "model": model,
+        "train": {"epochs": 4, "batch_size": 256, "progress": False, "device": "cpu", "optimizer": {"lr": 3e-3},
+                  "metrics": ["auc"]},
+        "tracking": {"enabled": False},
+    }
+
+
+def test_fgcnn_learns_planted_interactions_that_lr_cannot(tmp_path: Path, cache_dir: Path) -> None:
+    fgcnn = {"block": "fgcnn", "channels": [6, 8], "kernel_heights": [3, 3], "pooling_sizes": [2, 2],
+             "recombined_maps": [2, 2], "mlp": {"hidden": [64, 32]}}
+    aucs = {}
+    for name, model in (("lr", {"block": "lr"}), ("fgcnn", fgcnn)):
+        result = train_recipe(validate_recipe(_recipe(tmp_path / name, model)), console=QUIET)
+        aucs[name] = result.metrics["test"]["auc"]
+    # Measured over seeds 5-9: LR 0.55-0.60 (it cannot use the planted pairs), FGCNN 0.76-0.78 (Bayes 0.79-0.82).
+    assert aucs["fgcnn"] > aucs["lr"] + 0.08, aucs
