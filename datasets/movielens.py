@@ -7,6 +7,9 @@ else from the release date; null where neither has one). The rating itself is no
 label. Rows keep the order of the ratings file; every rating must find its user and movie (a dangling id is an
 error, never a dropped row). Timestamps are unix seconds as decimal strings (ML-1M mixes 9- and 10-digit values:
 compare them as integers).
+
+``load_ml1m_seq`` / ``load_ml100k_seq`` add the behaviour history ``hist_movies`` (see :func:`add_history`) for
+DIN-style models.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ import gzip
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from ctrlab.errors import DataError
 
@@ -174,3 +180,50 @@ def load_ml100k(card: "DatasetCard", data_dir: Path) -> dict[str, pl.DataFrame]:
     year = pl.coalesce(_year_from_title(pl.col("title")), release_year).alias("year")
     movies = movies.select("movie_id", genres, year)
     return {"all": _join(ratings, users, movies, paths)}
+
+
+# ---------------------------------------------------------------------------------------------- behaviour histories
+
+HISTORY_COLUMN = "hist_movies"
+MAX_HISTORY = 50
+
+
+def add_history(frame: pl.DataFrame, max_len: int = MAX_HISTORY) -> pl.DataFrame:
+    """Add ``hist_movies``: per row, the ``"|"``-joined movie ids the same user rated positively (label ``"1"``)
+    strictly before the row's timestamp, oldest first and most recent last, at most ``max_len`` (the most
+    recent). Ratings at the same second as the row are not history (their order is unknown). ``""`` when empty.
+
+    Vectorised: the positives are sorted by (user, time) once; each row's history is the slice of that array that
+    ends at ``searchsorted((user, timestamp))`` (left side, so equal timestamps are excluded).
+    """
+    user = frame.get_column("user_id").rank("dense").cast(pl.Int64).to_numpy() - 1
+    time = frame.get_column("timestamp").str.strip_chars().cast(pl.Int64).to_numpy()
+    if time.min(initial=0) < 0 or time.max(initial=0) >= 2**32:
+        raise DataError("timestamps must be unix seconds in [0, 2^32) to build behaviour histories")
+    key = (user << 32) | time
+    positive = (frame.get_column("label") == "1").to_numpy()
+    pos_index = np.flatnonzero(positive)
+    order = pos_index[np.argsort(key[pos_index], kind="stable")]
+    pos_key = key[order]
+    pos_movie = frame.get_column("movie_id").gather(order).to_arrow()
+    end = np.searchsorted(pos_key, key, side="left")  # positives of earlier users, or this user strictly earlier
+    user_start = np.searchsorted(pos_key, user << 32, side="left")
+    start = np.maximum(user_start, end - max_len)
+    lengths = end - start
+    offsets = np.zeros(len(frame) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.repeat(start - offsets[:-1], lengths) + np.arange(offsets[-1])
+    values = pa.compute.take(pos_movie, pa.array(flat, type=pa.int64()))
+    lists = pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), values)
+    history = pl.Series(HISTORY_COLUMN, lists).list.join("|")
+    return frame.with_columns(history)
+
+
+def load_ml1m_seq(card: "DatasetCard", data_dir: Path) -> dict[str, pl.DataFrame]:
+    """:func:`load_ml1m` plus the behaviour history ``hist_movies`` (see :func:`add_history`)."""
+    return {"all": add_history(load_ml1m(card, data_dir)["all"])}
+
+
+def load_ml100k_seq(card: "DatasetCard", data_dir: Path) -> dict[str, pl.DataFrame]:
+    """:func:`load_ml100k` plus the behaviour history ``hist_movies`` (see :func:`add_history`)."""
+    return {"all": add_history(load_ml100k(card, data_dir)["all"])}

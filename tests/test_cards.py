@@ -23,7 +23,7 @@ from ctrlab.datasets.cards import (
 )
 from ctrlab.errors import CtrlabError, DataError
 
-CARD_NAMES = ["avazu_sample", "criteo_sample", "frappe_x1", "ml100k", "ml1m"]
+CARD_NAMES = ["avazu_sample", "criteo_sample", "frappe_x1", "ml100k", "ml100k_seq", "ml1m", "ml1m_seq"]
 
 # Documented rows and positives per loaded frame (shared datasets README / manifest.json).
 EXPECTED = {
@@ -34,6 +34,8 @@ EXPECTED = {
     "ml1m": {"all": (487_650, 170_579 + 108_545)},
     "ml100k": {"all": (100_000, 34_174 + 21_201)},
 }
+# The behaviour-sequence cards read the same ratings and add a history column.
+EXPECTED["ml1m_seq"], EXPECTED["ml100k_seq"] = EXPECTED["ml1m"], EXPECTED["ml100k"]
 ML_COLUMNS = ["label", "user_id", "movie_id", "timestamp", "gender", "age", "occupation", "zip", "genres", "year"]
 
 

@@ -185,7 +185,8 @@ def test_validate_prints_the_resolved_recipe_with_defaults(capsys, tmp_path: Pat
     # Defaults the file never wrote are filled in.
     assert printed["seed"] == 2021
     assert printed["train"]["optimizer"] == {"name": "adam", "lr": 1e-3, "embedding_weight_decay": 0.0,
-                                             "dense_weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8}
+                                             "dense_weight_decay": 0.0, "embedding_regularizer": "weight_decay",
+                                             "betas": [0.9, 0.999], "eps": 1e-8}
     assert printed["train"]["early_stopping"]["patience"] == 2
     assert printed["features"]["numeric"][0]["fill"] == "mean"
     assert printed["embedding"]["kind"] == "per_field"

@@ -13,13 +13,19 @@ class OptimizerConfig(Section):
     """Adam or Adagrad with separate L2 weight decay for embedding tables and for dense (network) weights.
 
     Weight decay is coupled (added to the gradient, as torch's ``weight_decay`` and FuxiCTR's regularisers do).
-    With ``embedding.sparse: true`` the embedding decay is applied lazily to the rows a batch touches.
+    With ``embedding.sparse: true`` the embedding decay is applied lazily to the rows a batch touches. With
+    ``embedding_regularizer: mini_batch_aware`` it is instead DIN's mini-batch aware L2 term added to the loss.
     """
 
     name: Literal["adam", "adagrad"] = "adam"
     lr: float = Field(1e-3, gt=0)
     embedding_weight_decay: float = Field(0.0, ge=0)
     dense_weight_decay: float = Field(0.0, ge=0)
+    embedding_regularizer: Literal["weight_decay", "mini_batch_aware"] = Field(
+        "weight_decay",
+        description="how embedding_weight_decay applies to embedding tables: weight decay, or DIN's mini-batch "
+        "aware L2 (each row in the batch decayed by 1/its training-set frequency)",
+    )
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
 

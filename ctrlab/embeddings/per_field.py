@@ -75,10 +75,17 @@ class PerFieldEmbedding(FeatureEmbedding):
         fields = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # no copy for one kind of field
         return EmbeddingOutput(fields, sequences)
 
-    def lazy_l2(self, batch: FeatureBatch) -> torch.Tensor:
-        ids = [(batch.categorical + self.categorical_offsets).reshape(-1)]
+    def row_ids(self, batch: FeatureBatch) -> torch.Tensor:
+        """The global rows of :attr:`weight` the batch looks up, one entry per lookup (repeats kept): every
+        categorical id and every non-padding sequence id."""
+        ids = [(batch.categorical + self.categorical_offsets).reshape(-1)] if self.layout.categorical else []
         for spec in self.layout.sequence:
             seq = batch.sequences[spec.name]
             ids.append((seq + self.sequence_offsets[spec.name])[seq > 0])
-        rows = torch.unique(torch.cat(ids))
+        if not ids:
+            return torch.zeros(0, dtype=torch.long, device=self.weight.device)
+        return torch.cat([i.long() for i in ids])
+
+    def lazy_l2(self, batch: FeatureBatch) -> torch.Tensor:
+        rows = torch.unique(self.row_ids(batch))
         return 0.5 * self._lookup(rows).pow(2).sum()

@@ -21,6 +21,8 @@ class Optimizers:
 
     optimizers: list[torch.optim.Optimizer] = field(default_factory=list)
     lazy_embedding_decay: float = 0.0
+    mini_batch_aware_decay: float = 0.0
+    """Coefficient of DIN's mini-batch aware L2 on the embedding tables (then they get no other weight decay)."""
 
     def zero_grad(self) -> None:
         for opt in self.optimizers:
@@ -44,17 +46,25 @@ class Optimizers:
 
 
 def build_optimizers(model: CTRModel, config: OptimizerConfig) -> Optimizers:
+    mini_batch_aware = config.embedding_regularizer == "mini_batch_aware"
     embedding_params: list[nn.Parameter] = []
+    undecayed_tables: list[nn.Parameter] = []  # dense-gradient tables under the mini-batch aware L2
     sparse_params: list[nn.Parameter] = []
     for module in model.embedding_modules():
-        tables = set(map(id, module.table_parameters())) if module.sparse else set()
+        tables = set(map(id, module.table_parameters()))
         for param in module.parameters():
-            (sparse_params if id(param) in tables else embedding_params).append(param)
-    seen = {id(p) for p in embedding_params + sparse_params}
+            if id(param) in tables and module.sparse:
+                sparse_params.append(param)
+            elif id(param) in tables and mini_batch_aware:
+                undecayed_tables.append(param)
+            else:
+                embedding_params.append(param)
+    seen = {id(p) for p in embedding_params + undecayed_tables + sparse_params}
     dense_params = [p for p in model.parameters() if id(p) not in seen]
 
     groups = [
         {"params": embedding_params, "weight_decay": config.embedding_weight_decay},
+        {"params": undecayed_tables, "weight_decay": 0.0},
         {"params": dense_params, "weight_decay": config.dense_weight_decay},
     ]
     groups = [g for g in groups if g["params"]]
@@ -68,6 +78,8 @@ def build_optimizers(model: CTRModel, config: OptimizerConfig) -> Optimizers:
         result.optimizers.append(torch.optim.Adagrad(groups, lr=config.lr, eps=config.eps))
         if sparse_params:
             result.optimizers.append(torch.optim.Adagrad(sparse_params, lr=config.lr, eps=config.eps))
-    if sparse_params:
+    if mini_batch_aware:
+        result.mini_batch_aware_decay = config.embedding_weight_decay
+    elif sparse_params:
         result.lazy_embedding_decay = config.embedding_weight_decay
     return result

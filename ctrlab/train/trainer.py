@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ctrlab.config.train import TrainConfig
 from ctrlab.data.batches import BatchIterator, FeatureBatch
 from ctrlab.errors import TrainingDiverged
+from ctrlab.layers.regularizers import mini_batch_aware_l2
 from ctrlab.models.ctr_model import CTRModel
 from ctrlab.train.device import autocast
 from ctrlab.train.metrics import compute_metrics
@@ -83,6 +84,7 @@ class Trainer:
         self.optimizers: Optimizers = build_optimizers(self.model, config.optimizer)
         self.generator = torch.Generator().manual_seed(seed)
         self.scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
+        self._row_counts: list[torch.Tensor] | None = None
 
     # ------------------------------------------------------------------------------------------ steps
     def _loss(self, batch: FeatureBatch) -> torch.Tensor:
@@ -92,11 +94,30 @@ class Trainer:
         if self.optimizers.lazy_embedding_decay > 0:
             penalty = sum(m.lazy_l2(batch) for m in self.model.embedding_modules() if m.sparse)
             loss = loss + self.optimizers.lazy_embedding_decay * penalty / len(batch)
+        if self.optimizers.mini_batch_aware_decay > 0:
+            assert self._row_counts is not None, "call fit() or train_epoch(), which count the training rows"
+            for module, counts in zip(self.model.embedding_modules(), self._row_counts):
+                loss = loss + mini_batch_aware_l2(module.weight, module.row_ids(batch), counts,
+                                                  self.optimizers.mini_batch_aware_decay, sparse=module.sparse)
         return loss
+
+    def _count_rows(self, train: FeatureBatch) -> None:
+        """n_j of the mini-batch aware L2: how often each table row is looked up in the training data (once)."""
+        if self.optimizers.mini_batch_aware_decay <= 0 or self._row_counts is not None:
+            return
+        counts = []
+        for module in self.model.embedding_modules():
+            if not hasattr(module, "row_ids"):
+                raise ValueError(f"embedding_regularizer mini_batch_aware needs a per_field embedding, "
+                                 f"not {type(module).__name__}")
+            ids = module.row_ids(train).cpu().numpy()
+            counts.append(torch.from_numpy(np.bincount(ids, minlength=module.weight.shape[0])).to(self.device))
+        self._row_counts = counts
 
     def train_epoch(self, data: FeatureBatch, progress: Progress | None = None) -> float:
         """One pass over ``data``; returns the mean training loss."""
         self.model.train()
+        self._count_rows(data)
         if data.group is not None:  # group ids matter for evaluation only; don't shuffle them every epoch
             data = FeatureBatch(data.categorical, data.numeric, data.sequences, data.label)
         iterator = BatchIterator(data, self.config.batch_size, shuffle=True, generator=self.generator)
