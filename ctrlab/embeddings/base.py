@@ -47,6 +47,10 @@ class FeatureEmbedding(nn.Module):
     def table_parameters(self) -> list[nn.Parameter]:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def row_ids(self, batch: FeatureBatch) -> torch.Tensor:  # pragma: no cover - interface
+        """The table rows this batch looks up, one entry per lookup (padding excluded)."""
+        raise NotImplementedError
+
     def lazy_l2(self, batch: FeatureBatch) -> torch.Tensor:  # pragma: no cover - interface
         """0.5 · Σ‖row‖² over the distinct table rows this batch touches (sparse-gradient weight decay)."""
         raise NotImplementedError

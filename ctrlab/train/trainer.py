@@ -107,9 +107,6 @@ class Trainer:
             return
         counts = []
         for module in self.model.embedding_modules():
-            if not hasattr(module, "row_ids"):
-                raise ValueError(f"embedding_regularizer mini_batch_aware needs a per_field embedding, "
-                                 f"not {type(module).__name__}")
             ids = module.row_ids(train).cpu().numpy()
             counts.append(torch.from_numpy(np.bincount(ids, minlength=module.weight.shape[0])).to(self.device))
         self._row_counts = counts
