@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ctrlab.layers.mlp import _ACTIVATIONS, MLPConfig
+from ctrlab.layers.mlp import _ACTIVATIONS, MLP, MLPConfig
 
 
 class Dice(nn.Module):
@@ -56,23 +56,11 @@ def _activation(name: str, width: int) -> nn.Module:
     return _ACTIVATIONS[name]()
 
 
-def deep_mlp(in_dim: int, config: MLPConfig, out_dim: int | None = 1, activation: str | None = None) -> nn.Sequential:
-    """Like :class:`ctrlab.layers.mlp.MLP` but ``activation`` (e.g. ``"dice"``) overrides ``config.activation``
+def deep_mlp(in_dim: int, config: MLPConfig, out_dim: int | None = 1, activation: str | None = None) -> MLP:
+    """:class:`ctrlab.layers.mlp.MLP` whose ``activation`` (e.g. ``"dice"``) overrides ``config.activation``
     with a per-unit module. Inputs must be ``[N, in_dim]``."""
     name = activation or config.activation
-    layers: list[nn.Module] = []
-    width = in_dim
-    for hidden in config.hidden:
-        layers.append(nn.Linear(width, hidden))
-        if config.batch_norm:
-            layers.append(nn.BatchNorm1d(hidden))
-        layers.append(_activation(name, hidden))
-        if config.dropout > 0:
-            layers.append(nn.Dropout(config.dropout))
-        width = hidden
-    if out_dim is not None:
-        layers.append(nn.Linear(width, out_dim))
-    return nn.Sequential(*layers)
+    return MLP(in_dim, config, out_dim, activation=lambda width: _activation(name, width))
 
 
 class LocalActivationUnit(nn.Module):

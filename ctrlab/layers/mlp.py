@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 from pydantic import Field
@@ -26,14 +27,17 @@ class MLPConfig(Section):
 class MLP(nn.Sequential):
     """``Linear -> [BatchNorm] -> activation -> [Dropout]`` per hidden layer, then an optional linear output."""
 
-    def __init__(self, in_dim: int, config: MLPConfig, out_dim: int | None = 1) -> None:
+    def __init__(self, in_dim: int, config: MLPConfig, out_dim: int | None = 1,
+                 activation: Callable[[int], nn.Module] | None = None) -> None:
+        """``activation`` builds the activation module for a layer of a given width (e.g. DIN's per-unit Dice);
+        by default ``config.activation``."""
         layers: list[nn.Module] = []
         width = in_dim
         for hidden in config.hidden:
             layers.append(nn.Linear(width, hidden))
             if config.batch_norm:
                 layers.append(nn.BatchNorm1d(hidden))
-            layers.append(_ACTIVATIONS[config.activation]())
+            layers.append(activation(hidden) if activation else _ACTIVATIONS[config.activation]())
             if config.dropout > 0:
                 layers.append(nn.Dropout(config.dropout))
             width = hidden
