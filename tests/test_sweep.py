@@ -340,3 +340,16 @@ def test_quickstart_sweep_recipe_is_valid() -> None:
     assert recipe.search is not None and recipe.search.n_trials == 8 and recipe.search.pruner == "median"
     assert set(recipe.search.space) == {"embedding.dim", "train.optimizer.lr", "model.mlp.dropout"}
     check_space({k: v for k, v in recipe_to_dict(recipe).items()}, recipe.search.space, "quickstart_sweep")
+
+
+def test_a_running_trial_that_never_wrote_a_heartbeat_is_failed(tmp_path: Path) -> None:
+    # A worker killed between creating a trial and its first heartbeat leaves a RUNNING trial Optuna's own
+    # stale check never fails; the sweep must not wait on it forever.
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=60, grace_period=120)
+    study = optuna.create_study(storage=storage, study_name="s")
+    orphan = study.ask()  # RUNNING, no heartbeat
+    time.sleep(0.05)
+    sweep_module._fail_trials_without_heartbeat(study, grace_seconds=3600)
+    assert study.trials[orphan.number].state == TrialState.RUNNING  # still within the grace period
+    sweep_module._fail_trials_without_heartbeat(study, grace_seconds=0)
+    assert study.trials[orphan.number].state == TrialState.FAIL

@@ -237,6 +237,37 @@ def _optuna_quiet() -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------------------- sweep
+def _fail_trials_without_heartbeat(study: optuna.Study, grace_seconds: float) -> None:
+    """Mark FAIL the RUNNING trials that never wrote a heartbeat and started more than ``grace_seconds`` ago.
+
+    Optuna's stale-trial check skips trials with no heartbeat at all; a worker killed between creating a trial and
+    its first heartbeat would otherwise leave a RUNNING trial that every later worker waits on forever.
+    """
+    import datetime as dt
+
+    storage = getattr(study._storage, "_backend", study._storage)
+    if not isinstance(storage, optuna.storages.RDBStorage):
+        return
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if not running:
+        return
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    ids = [t._trial_id for t in running]
+    with _create_scoped_session(storage.scoped_session) as session:
+        beating = {row[0] for row in session.query(models.TrialHeartbeatModel.trial_id)
+                   .filter(models.TrialHeartbeatModel.trial_id.in_(ids)).all()}
+    now = dt.datetime.now()  # optuna stores datetime_start as naive local time
+    for trial in running:
+        started = trial.datetime_start
+        if trial._trial_id in beating or started is None:
+            continue
+        if (now - started.replace(tzinfo=None)).total_seconds() > grace_seconds:
+            with contextlib.suppress(Exception):  # another worker may have settled it meanwhile
+                storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+
+
 def run_sweep(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (),
               data_dir: str | Path | None = None, console: Console | None = None) -> SweepResult:
     """Run (or resume, or join) the recipe's study as one worker; see the module docstring."""
@@ -362,6 +393,7 @@ def run_sweep(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = 
         with _optuna_quiet():
             while True:
                 optuna.storages.fail_stale_trials(study)
+                _fail_trials_without_heartbeat(study, HEARTBEAT_GRACE)
                 trials = study.get_trials(deepcopy=False)
                 finished = sum(1 for t in trials if t.state in _FINISHED)
                 running = sum(1 for t in trials if t.state == TrialState.RUNNING)
