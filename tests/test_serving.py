@@ -5,7 +5,6 @@ the column, and the server keeps answering."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import polars as pl
