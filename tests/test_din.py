@@ -160,6 +160,30 @@ def test_din_and_baseline_shapes_and_the_only_difference_is_the_pooling() -> Non
     assert sum(p.numel() for p in din.parameters()) > sum(p.numel() for p in base.parameters())
 
 
+def test_baseline_pools_the_history_by_mean_or_sum_over_real_items_only() -> None:
+    batch = _batch()
+    vectors = {}
+    for pooling in ("mean", "sum"):
+        model = _model("history_pooling", pooling=pooling).eval()
+        embedded = model.embedding(batch)
+        table = model.embedding.weight.detach()
+        hist = batch.sequences["hist"]
+        rows = table[hist + model.embedding.sequence_offsets["hist"]] * (hist > 0).unsqueeze(-1)
+        expected = rows.sum(1)
+        if pooling == "mean":
+            expected = expected / (hist > 0).sum(1, keepdim=True).clamp(min=1)
+        got = model.block.mlp_input(embedded).view(8, 4, 4)[:, HIST]
+        torch.testing.assert_close(got, expected)
+        assert torch.equal(got[0], torch.zeros(4))  # an empty history pools to zero
+        vectors[pooling] = got
+    # row 1 has one real item: mean == sum; row 3 has four: mean == sum / 4
+    torch.testing.assert_close(vectors["mean"][1], vectors["sum"][1])
+    torch.testing.assert_close(vectors["mean"][3] * 4, vectors["sum"][3])
+    # padding appended to every history changes nothing
+    model = _model("history_pooling", pooling="mean").eval()
+    torch.testing.assert_close(model(_batch(extra_padding=3)), model(batch))
+
+
 def test_candidate_and_history_are_checked_by_name() -> None:
     config = BLOCKS.get("din").config
     for kw, word in (({"candidate": "nope", "history": "hist"}, "candidate"),

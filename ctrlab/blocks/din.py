@@ -29,9 +29,11 @@ class _HistoryConfig(BlockConfigBase):
 
 
 class HistoryPoolingConfig(_HistoryConfig):
-    """Embedding & MLP baseline: the history enters the MLP sum/mean-pooled (as the embedding pools it)."""
+    """Embedding & MLP baseline: the history enters the MLP sum- or mean-pooled over its real items."""
 
     block: Literal["history_pooling"] = "history_pooling"
+    pooling: Literal["sum", "mean"] | None = Field(
+        None, description="pool the history by sum or mean; default: as the sequence feature's own pooling")
 
 
 class DINConfig(_HistoryConfig):
@@ -69,6 +71,7 @@ class HistoryMLPBlock(InteractionBlock):
         super().__init__()
         self.candidate_index, self.history_index = _locate(config, shape)
         self.history = config.history
+        self.pooling: str | None = getattr(config, "pooling", None)
         self.attention: AttentionPooling | None = None
         if self.attention_pooling:
             assert isinstance(config, DINConfig)
@@ -80,9 +83,18 @@ class HistoryMLPBlock(InteractionBlock):
         if self.attention is not None:
             behaviours, mask = embedded.sequences[self.history]
             pooled = self.attention(behaviours, fields[:, self.candidate_index], mask)
-            h = self.history_index
-            fields = torch.cat([fields[:, :h], pooled.unsqueeze(1).to(fields.dtype), fields[:, h + 1:]], dim=1)
+            fields = self._replace_history(fields, pooled)
+        elif self.pooling is not None:
+            behaviours, mask = embedded.sequences[self.history]
+            pooled = behaviours.sum(dim=1)  # padded positions are zero vectors
+            if self.pooling == "mean":
+                pooled = pooled / mask.sum(dim=1, keepdim=True).clamp(min=1)
+            fields = self._replace_history(fields, pooled)
         return fields.flatten(1)
+
+    def _replace_history(self, fields: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        h = self.history_index
+        return torch.cat([fields[:, :h], pooled.unsqueeze(1).to(fields.dtype), fields[:, h + 1:]], dim=1)
 
     def forward(self, embedded: EmbeddingOutput) -> torch.Tensor:
         return self.mlp(self.mlp_input(embedded)).squeeze(-1)
