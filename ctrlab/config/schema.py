@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Union
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ctrlab.blocks import BLOCKS
 from ctrlab.config.base import Section
@@ -46,3 +46,11 @@ class Recipe(Section):
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     search: SearchConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _embedding_kind_defaults_to_per_field(cls, data: Any) -> Any:
+        # `embedding: {dim: 8}` keeps meaning per-field tables however many kinds are registered.
+        if isinstance(data, dict) and isinstance(data.get("embedding"), dict) and "kind" not in data["embedding"]:
+            data = {**data, "embedding": {"kind": "per_field", **data["embedding"]}}
+        return data

@@ -11,6 +11,7 @@ from torch import nn
 from ctrlab.config.base import Section
 from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.layout import FeatureLayout
+from ctrlab.layers.regularizers import mini_batch_aware_l2
 
 
 class EmbeddingConfigBase(Section):
@@ -56,6 +57,19 @@ class FeatureEmbedding(nn.Module):
         raise NotImplementedError
 
     @property
+    def num_rows(self) -> int:
+        """Size of the row space :meth:`row_ids` numbers (all tables together). The default reads ``weight``, the
+        one concatenated table of layers that have one; layers that keep their tables apart override it."""
+        return int(self.weight.shape[0])  # type: ignore[attr-defined]
+
+    def mini_batch_aware_l2(self, batch: FeatureBatch, counts: torch.Tensor, coefficient: float) -> torch.Tensor:
+        """DIN's mini-batch aware L2 on the rows this batch looks up; ``counts`` holds ``n_j`` for every row of
+        :attr:`num_rows` (see :func:`~ctrlab.layers.regularizers.mini_batch_aware_l2`). The default looks the rows
+        up in ``weight``; layers that keep their tables apart override it."""
+        return mini_batch_aware_l2(self.weight, self.row_ids(batch), counts, coefficient,  # type: ignore[attr-defined]
+                                   sparse=self.sparse)
+
+    @property
     def num_fields(self) -> int:
         return self.layout.num_fields
 
@@ -64,3 +78,8 @@ class FeatureEmbedding(nn.Module):
 
     def parameter_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def architecture_parameters(self) -> list[nn.Parameter]:
+        """Parameters of an architecture search (pruning thresholds, significance weights) that the search
+        optimises with its own optimiser: :func:`~ctrlab.train.optim.build_optimizers` leaves them out."""
+        return []

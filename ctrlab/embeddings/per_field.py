@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator
 from torch import nn
 
 from ctrlab.data.batches import FeatureBatch
@@ -18,9 +20,33 @@ class PerFieldConfig(EmbeddingConfigBase):
     """One table per vocabulary (a sequence sharing a vocabulary shares the table)."""
 
     kind: Literal["per_field"] = "per_field"
+    backend: Literal["plain", "torchrec"] = Field(
+        "plain",
+        description="plain: one concatenated table with field offsets (PerFieldEmbedding); torchrec: one "
+                    "torchrec EmbeddingBagCollection fed a KeyedJaggedTensor (TorchrecEmbedding; needs torchrec)",
+    )
+
+    @field_validator("backend")
+    @classmethod
+    def _torchrec_installed(cls, value: str) -> str:
+        # Checked without importing torchrec (slow): a recipe naming an absent backend fails before data loads.
+        if value == "torchrec" and importlib.util.find_spec("torchrec") is None:
+            raise ValueError("backend 'torchrec' needs the torchrec package (see README, Installing); "
+                             "use backend 'plain' or install torchrec")
+        return value
 
 
 @EMBEDDINGS.register("per_field", PerFieldConfig)
+def build_per_field(config: PerFieldConfig, layout: FeatureLayout, dim: int | None = None) -> FeatureEmbedding:
+    """The per-field embedding of ``config.backend``: :class:`PerFieldEmbedding` (``plain``) or
+    :class:`~ctrlab.embeddings.torchrec_backend.TorchrecEmbedding` (``torchrec``, imported only when asked for)."""
+    if config.backend == "torchrec":
+        from ctrlab.embeddings.torchrec_backend import TorchrecEmbedding
+
+        return TorchrecEmbedding(config, layout, dim=dim)
+    return PerFieldEmbedding(config, layout, dim=dim)
+
+
 class PerFieldEmbedding(FeatureEmbedding):
     """Looks each field's id up in its own table; numeric fields get a learned vector scaled by their value
     (``e = x · v``, as in AutoInt, Song et al. 2019, eq. 6); sequences are mean- or sum-pooled over real items.

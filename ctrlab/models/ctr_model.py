@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -42,13 +43,17 @@ class CTRModel(nn.Module):
         return [m for m in (self.embedding, self.linear) if m is not None]
 
 
-def build_model(embedding_config: Any, model_config: Any, layout: FeatureLayout) -> CTRModel:
-    """Build the model a recipe's ``embedding`` and ``model`` sections describe, for a fitted layout."""
+def build_model(embedding_config: Any, model_config: Any, layout: FeatureLayout,
+                main_embedding: Callable[[Any, FeatureLayout], FeatureEmbedding] | None = None) -> CTRModel:
+    """Build the model a recipe's ``embedding`` and ``model`` sections describe, for a fitted layout.
+
+    ``main_embedding(embedding_config, layout)`` builds the main embedding instead of the registry (an embedding
+    search's supernet); the first-order term stays the registry's."""
     if layout.num_fields == 0:
         raise ValueError("the recipe selects no features")
     linear = EMBEDDINGS.build(embedding_config, layout, dim=1) if model_config.linear else None
     if not getattr(BLOCKS.get(model_config.block).impl, "needs_embedding", True):
         return CTRModel(None, None, linear)
-    embedding = EMBEDDINGS.build(embedding_config, layout)
+    embedding = (main_embedding or EMBEDDINGS.build)(embedding_config, layout)
     block = BLOCKS.build(model_config, BlockInput(layout, embedding.dim))
     return CTRModel(embedding, block, linear)

@@ -50,16 +50,20 @@ def build_optimizers(model: CTRModel, config: OptimizerConfig) -> Optimizers:
     embedding_params: list[nn.Parameter] = []
     undecayed_tables: list[nn.Parameter] = []  # dense-gradient tables under the mini-batch aware L2
     sparse_params: list[nn.Parameter] = []
+    # An architecture search (thresholds, significance weights) optimises these with its own optimiser.
+    architecture = {id(p) for module in model.embedding_modules() for p in module.architecture_parameters()}
     for module in model.embedding_modules():
         tables = set(map(id, module.table_parameters()))
         for param in module.parameters():
+            if id(param) in architecture:
+                continue
             if id(param) in tables and module.sparse:
                 sparse_params.append(param)
             elif id(param) in tables and mini_batch_aware:
                 undecayed_tables.append(param)
             else:
                 embedding_params.append(param)
-    seen = {id(p) for p in embedding_params + undecayed_tables + sparse_params}
+    seen = {id(p) for p in embedding_params + undecayed_tables + sparse_params} | architecture
     dense_params = [p for p in model.parameters() if id(p) not in seen]
 
     groups = [

@@ -21,7 +21,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ctrlab.config.train import TrainConfig
 from ctrlab.data.batches import BatchIterator, FeatureBatch
 from ctrlab.errors import TrainingDiverged
-from ctrlab.layers.regularizers import mini_batch_aware_l2
 from ctrlab.models.ctr_model import CTRModel
 from ctrlab.train.device import autocast
 from ctrlab.train.metrics import compute_metrics
@@ -97,8 +96,7 @@ class Trainer:
         if self.optimizers.mini_batch_aware_decay > 0:
             assert self._row_counts is not None, "call fit() or train_epoch(), which count the training rows"
             for module, counts in zip(self.model.embedding_modules(), self._row_counts):
-                loss = loss + mini_batch_aware_l2(module.weight, module.row_ids(batch), counts,
-                                                  self.optimizers.mini_batch_aware_decay, sparse=module.sparse)
+                loss = loss + module.mini_batch_aware_l2(batch, counts, self.optimizers.mini_batch_aware_decay)
         return loss
 
     def _count_rows(self, train: FeatureBatch) -> None:
@@ -108,7 +106,7 @@ class Trainer:
         counts = []
         for module in self.model.embedding_modules():
             ids = module.row_ids(train).cpu().numpy()
-            counts.append(torch.from_numpy(np.bincount(ids, minlength=module.weight.shape[0])).to(self.device))
+            counts.append(torch.from_numpy(np.bincount(ids, minlength=module.num_rows)).to(self.device))
         self._row_counts = counts
 
     def train_epoch(self, data: FeatureBatch, progress: Progress | None = None) -> float:

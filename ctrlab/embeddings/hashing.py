@@ -1,0 +1,106 @@
+"""Deterministic hash functions and row budgets for the hashed embedding layers.
+
+The hashing trick (Weinberger et al. 2009, "Feature Hashing for Large Scale Multitask Learning", ICML) maps a
+feature value to one of ``R`` rows of a table with a hash function instead of a vocabulary lookup, so the table
+size no longer grows with the vocabulary. Unified Embedding (Coleman et al. 2023, "Unified Embedding:
+Battle-Tested Feature Representations for Web-Scale ML Systems", NeurIPS) hashes every field into one shared
+table with field-specific hash functions (feature multiplexing).
+
+The functions here are the universal family of Carter & Wegman (1979)::
+
+    h(x) = ((a · x + b) mod P) mod R,    P = 2^31 − 1 (a Mersenne prime),  a ∈ [1, P),  b ∈ [0, P)
+
+evaluated with vectorised int64 tensor ops (``a · x < 2^62`` cannot overflow for ``x < P``). The constants
+``(a, b)`` of hash function ``(table, probe)`` come from splitmix64 (Steele et al. 2014) applied to the table
+index, the probe index and a salt, in pure Python integer arithmetic: they are the same in every process, on every
+platform and with every numpy / torch version. Python's built-in ``hash()`` is never used (it is randomised per
+process for strings, see ``PYTHONHASHSEED``). Because the constants are a pure function of
+``(table, probe, salt)`` they are not stored in checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+MERSENNE_PRIME = (1 << 31) - 1
+"""P of the universal family: ids are reduced modulo P first, so any int64 id is accepted."""
+
+_MASK64 = (1 << 64) - 1
+_DOMAIN = 0x6374726C61622D68  # "ctrlab-h": separates these hash constants from any other use of splitmix64
+
+
+def splitmix64(x: int) -> int:
+    """One step of splitmix64 (the finaliser of Java's SplittableRandom): a bijective 64-bit mix."""
+    z = (x + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def hash_constants(table: int, probe: int = 0, salt: int = 0) -> tuple[int, int]:
+    """``(a, b)`` of the hash function for vocabulary table ``table`` (its index in ``FeatureLayout.tables()``),
+    probe ``probe`` (0 for the hashing trick; 0..k-1 for the k chunks of Unified Embedding) and ``salt``.
+
+    ``a`` is uniform on ``[1, P)`` and ``b`` on ``[0, P)`` (up to a bias below 2^-32), deterministically."""
+    state = splitmix64((_DOMAIN ^ salt) & _MASK64)
+    state = splitmix64(state ^ (table & _MASK64))
+    state = splitmix64(state ^ (probe & _MASK64))
+    a = 1 + splitmix64(state ^ 1) % (MERSENNE_PRIME - 1)
+    b = splitmix64(state ^ 2) % MERSENNE_PRIME
+    return a, b
+
+
+def hash_parameters(tables: int, probes: int = 1, salt: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The constants of ``tables × probes`` hash functions as two int64 tensors ``a``, ``b`` of that shape."""
+    pairs = [[hash_constants(t, p, salt) for p in range(probes)] for t in range(tables)]
+    a = torch.tensor([[pair[0] for pair in row] for row in pairs], dtype=torch.long).reshape(tables, probes)
+    b = torch.tensor([[pair[1] for pair in row] for row in pairs], dtype=torch.long).reshape(tables, probes)
+    return a, b
+
+
+def universal_hash(ids: torch.Tensor, a: torch.Tensor | int, b: torch.Tensor | int,
+                   buckets: torch.Tensor | int) -> torch.Tensor:
+    """``((a · x + b) mod P) mod buckets`` elementwise (broadcasting ``ids`` against ``a``, ``b``, ``buckets``).
+
+    ``ids`` are reduced modulo ``P`` first (a no-op for vocabulary ids), so ``a · x + b < 2^62 + 2^31`` fits int64.
+    The result is an int64 tensor in ``[0, buckets)``."""
+    x = torch.remainder(ids.long(), MERSENNE_PRIME)
+    return torch.remainder(torch.remainder(a * x + b, MERSENNE_PRIME), buckets)
+
+
+def budget_rows(full: float, fraction: float) -> int:
+    """``ceil(full · fraction)``, at least 1, ignoring floating-point noise (``ceil(30 · 0.1)`` is 3, not 4)."""
+    value = full * fraction
+    return max(1, math.ceil(value - 1e-9 * max(1.0, abs(value))))
+
+
+def proportional_rows(total: int, sizes: Sequence[int]) -> list[int]:
+    """Split ``total`` rows over tables in proportion to ``sizes``: every table gets one row, the remaining
+    ``total − len(sizes)`` are shared by the largest-remainder method (ties to the earlier table); the parts sum to
+    ``total`` exactly."""
+    n = len(sizes)
+    if n == 0:
+        return []
+    if total < n:
+        raise ValueError(f"rows ({total}) must be at least the number of vocabulary tables ({n}): one row each")
+    weight = sum(sizes)
+    spare = total - n
+    if weight <= 0:
+        sizes, weight = [1] * n, n
+    # exact integer quotas: spare · s / weight = part + remainder / weight
+    split = [divmod(spare * s, weight) for s in sizes]
+    parts = [q for q, _ in split]
+    order = sorted(range(n), key=lambda i: (-split[i][1], i))
+    for i in order[: spare - sum(parts)]:
+        parts[i] += 1
+    return [1 + p for p in parts]
+
+
+def check_one_size(budget: float | None, rows: int | None) -> None:
+    """Config check shared by the hashed layers: ``budget`` and ``rows`` are alternatives."""
+    if budget is not None and rows is not None:
+        raise ValueError(f"give either budget ({budget}) or rows ({rows}), not both: budget is a fraction of the "
+                         "full tables, rows an explicit row count")
