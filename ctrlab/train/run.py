@@ -4,8 +4,13 @@ The output directory is built under a temporary name and renamed into place only
 failed or interrupted run never leaves a half-written directory behind. It holds:
 
 ``recipe.yaml`` (the resolved recipe, which ``ctrlab train`` accepts again), ``processor.json``,
-``model.safetensors`` (best weights), ``metrics.json`` (valid/test metrics, history) and
-``test_predictions.parquet``; with tracking on and ``tracking.log_artifacts``, also ``learning_curve.png``.
+``model.safetensors`` (best weights), ``metrics.json`` (valid/test metrics, history, and the stored size of the
+main embedding: ``embedding_parameters``, ``embedding_bytes``) and ``test_predictions.parquet``; with tracking on and
+``tracking.log_artifacts``, also ``learning_curve.png``.
+
+An embedding kind that searches its table (``optembed``, ``dnis``) runs its search stages first (see
+:mod:`ctrlab.search.embedding_search`): they write ``embedding_search/``, prune the model, and the final training
+re-trains the pruned model (``metrics.json`` key ``embedding_search`` holds the stages' figures).
 
 With ``tracking.enabled`` (the default) the run is also logged to MLflow (see :mod:`ctrlab.tracking`): the
 flattened resolved recipe as params, system facts as tags, per-epoch metrics, final test and best validation
@@ -20,7 +25,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -32,8 +37,9 @@ from ctrlab.config.loader import flatten, recipe_to_dict
 from ctrlab.config.schema import Recipe
 from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.pipeline import TRUE_PROBABILITY_COLUMN, PreparedData, prepare_data
+from ctrlab.embeddings.searchable import SearchableEmbeddingConfig
 from ctrlab.errors import RecipeError
-from ctrlab.models import build_model
+from ctrlab.models import CTRModel, build_model
 from ctrlab.tracking import RunLogger, learning_curve_figure, mlflow_run, system_tags
 from ctrlab.tracking.mlflow_tracker import redact_uri
 from ctrlab.train.device import resolve_device
@@ -42,12 +48,16 @@ from ctrlab.train.trainer import EpochCallback, FitResult, Trainer
 from ctrlab.utils.checkpoint import save_weights
 from ctrlab.utils.io import atomic_directory, write_json_atomic, write_text_atomic
 
+if TYPE_CHECKING:  # pragma: no cover
+    from ctrlab.search.embedding_search import SearchOutcome
+
 RECIPE_FILE = "recipe.yaml"
 PROCESSOR_FILE = "processor.json"
 WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "test_predictions.parquet"
 LEARNING_CURVE_FILE = "learning_curve.png"
+EMBEDDING_SEARCH_DIR = "embedding_search"
 TRACKED_FILES = (RECIPE_FILE, PROCESSOR_FILE, METRICS_FILE, WEIGHTS_FILE, LEARNING_CURVE_FILE)
 
 
@@ -118,13 +128,17 @@ def _train_and_save(recipe: Recipe, data: PreparedData, device: torch.device, co
     batches = {s: FeatureBatch.from_encoded(v) for s, v in data.splits.items()}
     # The tracker logs each epoch before the caller's callbacks run (one of them may raise, e.g. a pruner).
     all_callbacks = ([tracker.log_epoch] if tracker is not None else []) + list(callbacks or [])
-    trainer = Trainer(model, recipe.train, device, seed=recipe.seed, console=console, callbacks=all_callbacks)
 
     output_dir = Path(recipe.output_dir)
     with atomic_directory(output_dir) as tmp:
         write_text_atomic(tmp / RECIPE_FILE, yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
         data.processor.save(tmp / PROCESSOR_FILE)
-        fit = trainer.fit(batches["train"], batches["valid"], checkpoint=tmp / WEIGHTS_FILE)
+        search = _embedding_search(recipe, model, batches, device, console, tracker, tmp)  # prunes the model
+        trainer = Trainer(model, recipe.train, device, seed=recipe.seed, console=console, callbacks=all_callbacks)
+        if search is None or search.retrain:
+            fit = trainer.fit(batches["train"], batches["valid"], checkpoint=tmp / WEIGHTS_FILE)
+        else:  # the searched network, pruned, is the final model: evaluate only
+            fit = FitResult()
         save_weights(trainer.model, tmp / WEIGHTS_FILE)
         valid_metrics, _ = trainer.evaluate(batches["valid"])
         test_metrics, test_probabilities = trainer.evaluate(batches["test"])
@@ -134,7 +148,10 @@ def _train_and_save(recipe: Recipe, data: PreparedData, device: torch.device, co
             "rows": sizes, "device": str(device), "seconds": time.perf_counter() - started,
             "history": [r.as_dict() for r in fit.history],
             "mlflow_run_id": tracker.run_id if tracker is not None else None,
+            **embedding_size(trainer.model),
         }
+        if search is not None:
+            metrics["embedding_search"] = search.summary
         test_frame = data.raw.frames["test"]
         if TRUE_PROBABILITY_COLUMN in test_frame.columns:
             truth = test_frame.get_column(TRUE_PROBABILITY_COLUMN).to_numpy()
@@ -146,12 +163,31 @@ def _train_and_save(recipe: Recipe, data: PreparedData, device: torch.device, co
     return metrics, fit, output_dir
 
 
+def embedding_size(model: CTRModel) -> dict[str, int]:
+    """Stored floats and bytes of the main embedding (after any pruning; 0 for a model without one)."""
+    embedding = model.embedding
+    return {"embedding_parameters": embedding.parameter_count() if embedding is not None else 0,
+            "embedding_bytes": embedding.parameter_bytes() if embedding is not None else 0}
+
+
+def _embedding_search(recipe: Recipe, model: CTRModel, batches: dict[str, FeatureBatch], device: torch.device,
+                      console: Console, tracker: RunLogger | None, run_dir: Path) -> SearchOutcome | None:
+    """Run the search stages of an embedding kind that has them (and prune ``model``); None for other kinds."""
+    if not isinstance(recipe.embedding, SearchableEmbeddingConfig):
+        return None
+    from ctrlab.search.embedding_search import run_embedding_search  # imports Optuna: only when searching
+
+    return run_embedding_search(recipe, model, batches, device, console, tracker, run_dir)
+
+
 def _log_results(tracker: RunLogger, metrics: dict[str, Any], fit: FitResult, output_dir: Path,
                  log_artifacts: bool) -> None:
     """Final metrics, then (the output directory being in place) the artefact files."""
     final: dict[str, float] = {f"test_{k}": v for k, v in metrics["test"].items()}
     final.update({f"best_valid_{k}": v for k, v in fit.best_valid.items()})
-    final.update({"best_epoch": fit.best_epoch, "epochs_run": len(fit.history), "seconds": metrics["seconds"]})
+    final.update({"best_epoch": fit.best_epoch, "epochs_run": len(fit.history), "seconds": metrics["seconds"],
+                  "embedding_parameters": metrics["embedding_parameters"],
+                  "embedding_bytes": metrics["embedding_bytes"]})
     if "bayes_optimal_test_auc" in metrics:
         final["bayes_optimal_test_auc"] = metrics["bayes_optimal_test_auc"]
     tracker.log_metrics(final)
@@ -159,6 +195,8 @@ def _log_results(tracker: RunLogger, metrics: dict[str, Any], fit: FitResult, ou
         for name in TRACKED_FILES:
             if (output_dir / name).is_file():
                 tracker.log_artifact(output_dir / name)
+        if (output_dir / EMBEDDING_SEARCH_DIR).is_dir():
+            tracker.log_artifact(output_dir / EMBEDDING_SEARCH_DIR, EMBEDDING_SEARCH_DIR)
 
 
 def _print_result(console: Console, metrics: dict[str, Any], output_dir: Path) -> None:

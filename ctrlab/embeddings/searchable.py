@@ -1,0 +1,164 @@
+"""What the embedding kinds that search their table's architecture share: the recipe keys that pick stages and
+an earlier run to start from, and the full-table embedding their search stages train.
+
+A searching kind (``optembed``, ``dnis``) registers the table its final model holds, a
+:class:`~ctrlab.embeddings.mixed_dim.MixedDimEmbedding`; its stages (``ctrlab.search.optembed``,
+``ctrlab.search.dnis``) run inside ``ctrlab train`` before the final training and prune that table.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from ctrlab.data.batches import FeatureBatch
+from ctrlab.data.layout import FeatureLayout
+from ctrlab.embeddings.base import EmbeddingConfigBase, EmbeddingOutput, FeatureEmbedding
+from ctrlab.embeddings.mixed_dim import EmbeddingUnits, init_table
+
+
+class SearchableEmbeddingConfig(EmbeddingConfigBase):
+    """Settings of every searching embedding kind. Subclasses define ``stages`` (a list of their
+    :attr:`STAGES`, in that order) and the search's own settings.
+
+    ``stages`` picks what this run does; the last stage, ``retrain``, is the run's final training. Stages left
+    out at the front are read from ``from_run``, an earlier run directory that ran them (its
+    ``embedding_search/`` outputs); without ``retrain`` the run's model is the searched network itself (pruned to
+    the found architecture where its blocks allow) and is only evaluated.
+    """
+
+    STAGES: ClassVar[tuple[str, ...]] = ()
+
+    from_run: str | None = Field(None, description="an earlier run directory whose embedding_search/ outputs "
+                                                   "the first listed stage starts from")
+
+    @model_validator(mode="after")
+    def _check_stages(self) -> SearchableEmbeddingConfig:
+        stages: list[str] = list(getattr(self, "stages"))
+        canonical = list(self.STAGES)
+        if not stages:
+            raise ValueError(f"embedding.stages is empty; list at least one of {', '.join(canonical)}")
+        if len(set(stages)) != len(stages) or stages != sorted(stages, key=canonical.index):
+            raise ValueError(f"embedding.stages {stages} must list distinct stages in the order "
+                             f"{', '.join(canonical)}")
+        skipped = canonical[:canonical.index(stages[0])]
+        if skipped and self.from_run is None:
+            raise ValueError(f"embedding.stages {stages} skip {', '.join(skipped)}; set embedding.from_run to a run "
+                             f"directory that ran {skipped[-1]}, or list {skipped[-1]} in embedding.stages")
+        if not skipped and self.from_run is not None:
+            raise ValueError(f"embedding.from_run is set but embedding.stages {stages} start with {stages[0]}, which "
+                             "reads nothing from an earlier run; remove from_run or leave the first stages out")
+        return self
+
+
+class BinaryStep(torch.autograd.Function):
+    """The unit step ``S(x) = 1 if x > 0 else 0`` with a straight-through surrogate gradient (OptEmbed, Lyu et
+    al. 2022, Section 3.2, the learnable-threshold mask): backward passes ``g · S'(x)`` with the piecewise surrogate
+
+    ``S'(x) = 2 - 4|x|`` for ``|x| ≤ 0.4``, ``0.4`` for ``0.4 < |x| ≤ 1``, ``0`` for ``|x| > 1``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return (x > 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        a = x.abs()
+        surrogate = torch.where(a <= 0.4, 2 - 4 * a, torch.where(a <= 1, torch.full_like(a, 0.4), torch.zeros_like(a)))
+        return grad * surrogate
+
+
+def binary_step(x: torch.Tensor) -> torch.Tensor:
+    """:class:`BinaryStep` applied to ``x``."""
+    return BinaryStep.apply(x)  # type: ignore[no-any-return]
+
+
+class FullTableSearchEmbedding(FeatureEmbedding):
+    """The full ``[Σ rows, D]`` table a search trains, laid out unit by unit as
+    :class:`~ctrlab.embeddings.mixed_dim.MixedDimEmbedding` lays out its full table (and drawn by the same call,
+    so the same seed gives the same initial values); subclasses transform the looked-up vectors in :meth:`select`
+    (row and dimension masks, significance weights) before numeric scaling and pooling.
+
+    :meth:`architecture_parameters` (thresholds, significance weights) are left out of the trainer's optimisers;
+    the search stages optimise them with their own.
+    """
+
+    def __init__(self, config: EmbeddingConfigBase, layout: FeatureLayout, dim: int | None = None) -> None:
+        super().__init__()
+        self.layout = layout
+        self.dim = dim if dim is not None else config.dim
+        self.sparse = config.sparse
+        self.units = EmbeddingUnits.from_layout(layout)
+        offsets = self.units.offsets
+        self.weight = nn.Parameter(init_table(self.units.total_rows, self.dim, config.init_std))
+        self.register_buffer("flat_offsets", torch.tensor([offsets[u] for u in self.units.flat_units],
+                                                          dtype=torch.long), persistent=False)
+        self.register_buffer("flat_units", torch.tensor(self.units.flat_units, dtype=torch.long), persistent=False)
+        self.register_buffer("unit_starts", torch.tensor(offsets, dtype=torch.long), persistent=False)
+
+    def select(self, vectors: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        """Transform looked-up vectors ``[B, P, D]``; ``units`` (``[P]``, or ``[1]`` for one sequence's items)
+        names each position's unit. The default keeps them."""
+        return vectors
+
+    def unit_table(self, unit: int) -> torch.Tensor:
+        """The rows of one unit, ``[rows, D]`` (a view of :attr:`weight`)."""
+        start = self.units.offsets[unit]
+        return self.weight[start:start + self.units.rows[unit]]
+
+    def effective_table(self) -> torch.Tensor:
+        """The full table as the trained network uses it (after any fixed per-unit transform), ``[Σ rows, D]``;
+        what a mixed-dimension table inherits when the searched network is kept without re-training."""
+        return self.weight.detach()
+
+    def forward(self, batch: FeatureBatch) -> EmbeddingOutput:
+        parts: list[torch.Tensor] = []
+        num_cat, num_num = len(self.layout.categorical), len(self.layout.numeric)
+        if num_cat + num_num:
+            ids = []
+            if num_cat:
+                ids.append(batch.categorical + self.flat_offsets[:num_cat])
+            if num_num:
+                ids.append(self.flat_offsets[num_cat:].expand(len(batch), num_num))
+            flat_ids = ids[0] if len(ids) == 1 else torch.cat(ids, dim=1)
+            vectors = self.select(F.embedding(flat_ids, self.weight, sparse=self.sparse), self.flat_units)
+            if num_num:
+                vectors = torch.cat([vectors[:, :num_cat], vectors[:, num_cat:] * batch.numeric.unsqueeze(-1)], 1)
+            parts.append(vectors)
+        sequences: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for spec, unit in zip(self.layout.sequence, self.units.sequence_units):
+            ids = batch.sequences[spec.name]
+            mask = ids > 0
+            vectors = F.embedding(ids + self.unit_starts[unit], self.weight, sparse=self.sparse)
+            vectors = self.select(vectors, self.flat_units.new_tensor([unit])) * mask.unsqueeze(-1).to(vectors.dtype)
+            summed = vectors.sum(dim=1)
+            if spec.pooling == "mean":
+                summed = summed / mask.sum(dim=1, keepdim=True).clamp(min=1)
+            parts.append(summed.unsqueeze(1))
+            sequences[spec.name] = (vectors, mask)
+        fields = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return EmbeddingOutput(fields, sequences)
+
+    def table_parameters(self) -> list[nn.Parameter]:
+        return [self.weight]
+
+    def row_ids(self, batch: FeatureBatch) -> torch.Tensor:
+        num_cat = len(self.layout.categorical)
+        ids = [(batch.categorical + self.flat_offsets[:num_cat]).reshape(-1)] if num_cat else []
+        for spec, unit in zip(self.layout.sequence, self.units.sequence_units):
+            seq = batch.sequences[spec.name]
+            ids.append((seq + self.unit_starts[unit])[seq > 0])
+        if not ids:
+            return torch.zeros(0, dtype=torch.long, device=self.weight.device)
+        return torch.cat([i.long() for i in ids])
+
+    def lazy_l2(self, batch: FeatureBatch) -> torch.Tensor:
+        rows = torch.unique(self.row_ids(batch))
+        return 0.5 * F.embedding(rows, self.weight, sparse=self.sparse).pow(2).sum()

@@ -1,0 +1,249 @@
+"""DNIS's stages (Cheng, Shen, Huang 2020, "Differentiable Neural Input Search for Recommender Systems"):
+``search`` (Section 3: the soft selection layer trained by first-order bi-level optimisation, then the dimensions
+ranked by significance and pruned) and ``retrain`` (the run's own final training of the mixed-dimension table),
+run by :func:`ctrlab.search.embedding_search.run_embedding_search`.
+
+Outputs under ``<run>/embedding_search/``:
+
+``search_model.safetensors``
+    the searched model (weights and significance weights ``embedding.alpha``); a later run's ``retrain`` reads it.
+``significance.csv``
+    one row per (unit, dimension): ``alpha``, ``|alpha|``, its rank within the unit and whether it is kept.
+``dims.json``
+    the kept dimensions per unit and their order (source dimensions, most significant first).
+
+Pruning uses this recipe's ``threshold`` or ``budget``: a run with ``stages: [retrain]`` and ``from_run`` re-prunes
+an earlier search's significance weights with other settings. A run with ``stages: [search]`` keeps the searched
+network itself (``α`` folded into the full table: its blocks were trained on every dimension in place, and the kept
+dimensions are not a field's leading ones) and saves the dims for a later ``retrain``.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from ctrlab.config.train import TrainConfig
+from ctrlab.data.batches import BatchIterator, FeatureBatch
+from ctrlab.embeddings.dnis import DNISConfig, DNISSearchEmbedding
+from ctrlab.embeddings.mixed_dim import EmbeddingArchitecture, EmbeddingUnits
+from ctrlab.errors import DataError
+from ctrlab.models.ctr_model import CTRModel
+from ctrlab.search.embedding_search import SearchContext, SearchOutcome
+from ctrlab.train.device import autocast
+from ctrlab.train.optim import Optimizers
+from ctrlab.train.trainer import EpochRecord, Trainer
+from ctrlab.utils.checkpoint import save_weights
+from ctrlab.utils.io import atomic_path
+
+SEARCH_MODEL_FILE = "search_model.safetensors"
+SIGNIFICANCE_FILE = "significance.csv"
+ALPHA_KEY = "embedding.alpha"
+
+
+# ------------------------------------------------------------------------------------------ bi-level steps
+class ValidationStep:
+    """One architecture step of DNIS's first-order bi-level optimisation (Cheng et al. 2020, Section 3.3): with
+    the model's weights fixed, ``α ← Adam(α, ∇_α L_valid(w, α))`` on the next validation batch.
+
+    The batch is scored in eval mode (no dropout, batch-norm statistics untouched) and the gradient is taken with
+    :func:`torch.autograd.grad` for ``α`` alone: the weights get no gradient and no update. Outside this step ``α``
+    has ``requires_grad`` off, so training batches never reach it. After a step ``α.grad`` holds the validation
+    gradient it used."""
+
+    def __init__(self, model: CTRModel, alpha: torch.nn.Parameter, valid: FeatureBatch, batch_size: int, lr: float,
+                 device: torch.device, precision: str = "fp32", seed: int = 0) -> None:
+        self.model = model
+        self.alpha = alpha
+        self.device = device
+        self.precision = precision
+        self.optimizer = torch.optim.Adam([alpha], lr=lr)
+        self.steps = 0
+        generator = torch.Generator().manual_seed(seed)
+        self._batches = self._cycle(BatchIterator(valid.to(device), batch_size, shuffle=True, generator=generator))
+        alpha.requires_grad_(False)
+
+    @staticmethod
+    def _cycle(iterator: BatchIterator) -> Iterator[FeatureBatch]:
+        for _ in itertools.count():
+            yield from iterator
+
+    def __call__(self) -> None:
+        batch = next(self._batches)
+        was_training = self.model.training
+        self.model.eval()
+        self.alpha.requires_grad_(True)
+        try:
+            with autocast(self.device, self.precision):
+                logits = self.model(batch)
+            loss = F.binary_cross_entropy_with_logits(logits.float(), batch.label)  # type: ignore[arg-type]
+            (grad,) = torch.autograd.grad(loss, [self.alpha])
+        finally:
+            self.alpha.requires_grad_(False)
+            self.model.train(was_training)
+        self.alpha.grad = grad
+        self.optimizer.step()
+        self.steps += 1
+
+
+@dataclass
+class BilevelOptimizers(Optimizers):
+    """The model's optimisers, followed after every step by ``after_step`` (the architecture step): the trainer's
+    loop then alternates a training step on the weights (``α`` fixed) and a validation step on ``α``."""
+
+    after_step: Callable[[], None] | None = None
+
+    def step(self, scaler: torch.amp.GradScaler | None = None) -> None:
+        super().step(scaler)
+        if self.after_step is not None:
+            self.after_step()
+
+
+class BilevelTrainer(Trainer):
+    """The :class:`~ctrlab.train.trainer.Trainer` for DNIS's search: every training step on the weights is
+    followed by a :class:`ValidationStep` on the significance weights (Cheng et al. 2020, Section 3.3)."""
+
+    def __init__(self, model: CTRModel, config: TrainConfig, device: torch.device, valid: FeatureBatch,
+                 arch_lr: float, **kwargs: Any) -> None:
+        super().__init__(model, config, device, **kwargs)
+        embedding = model.embedding
+        assert isinstance(embedding, DNISSearchEmbedding)
+        self.architecture_step = ValidationStep(self.model, embedding.alpha, valid, config.batch_size, arch_lr,
+                                                device, config.precision, seed=kwargs.get("seed", 0) + 1)
+        base = self.optimizers
+        self.optimizers = BilevelOptimizers(base.optimizers, base.lazy_embedding_decay, base.mini_batch_aware_decay,
+                                            after_step=self.architecture_step)
+
+
+# ------------------------------------------------------------------------------------------------- pruning
+def rank_dimensions(significance: torch.Tensor) -> list[list[int]]:
+    """Per unit, its dimensions by decreasing ``|α|`` (ties: lower dimension first)."""
+    out = []
+    for row in significance.abs().tolist():
+        out.append(sorted(range(len(row)), key=lambda k: (-row[k], k)))
+    return out
+
+
+def prune_by_threshold(significance: torch.Tensor, threshold: float) -> list[int]:
+    """Kept dimensions per unit: the (unit, dimension) pairs with ``|α| ≥ threshold · max |α|``."""
+    values = significance.abs()
+    cut = threshold * float(values.max()) if values.numel() else 0.0
+    return [int(n) for n in (values >= cut).sum(dim=1).tolist()]
+
+
+def prune_by_budget(significance: torch.Tensor, rows: list[int], budget: float) -> tuple[list[int], int]:
+    """Kept dimensions per unit under a parameter budget: ``floor(budget · Σ rows · D)`` floats. The (unit,
+    dimension) pairs are taken greedily by decreasing ``|α|``, each costing its unit's rows; a pair that does not
+    fit is skipped (and so is every less significant pair of its unit, which costs as much). Returns the dims and
+    the floats they use, which never exceed the budget."""
+    values = significance.abs()
+    num_units, dim = values.shape
+    allowed = math.floor(budget * sum(rows) * dim + 1e-9)
+    pairs = sorted(((float(values[u, k]), u, k) for u in range(num_units) for k in range(dim)),
+                   key=lambda p: (-p[0], p[1], p[2]))
+    dims = [0] * num_units
+    spent = 0
+    for _, unit, _ in pairs:
+        if spent + rows[unit] <= allowed:
+            dims[unit] += 1
+            spent += rows[unit]
+    return dims, spent
+
+
+def architecture_from_significance(significance: torch.Tensor, units: EmbeddingUnits, config: DNISConfig
+                                   ) -> EmbeddingArchitecture:
+    """Rank each unit's dimensions by ``|α|`` and keep the most significant ones by ``threshold`` or ``budget``."""
+    if config.threshold is not None:
+        dims = prune_by_threshold(significance, config.threshold)
+    else:
+        dims, _ = prune_by_budget(significance, list(units.rows), float(config.budget))  # type: ignore[arg-type]
+    ranks = rank_dimensions(significance)
+    return EmbeddingArchitecture(
+        int(significance.shape[1]), dict(zip(units.names, dims)), {},
+        {name: ranks[u][:dims[u]] for u, name in enumerate(units.names)})
+
+
+def write_significance(context: SearchContext, alpha: torch.Tensor, architecture: EmbeddingArchitecture) -> None:
+    ranks = rank_dimensions(alpha)
+    with atomic_path(context.directory / SIGNIFICANCE_FILE) as tmp:
+        with tmp.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["unit", "dimension", "alpha", "abs_alpha", "rank", "kept"])
+            for u, name in enumerate(context.units.names):
+                position = {k: r for r, k in enumerate(ranks[u])}
+                kept = architecture.dim_of(name)
+                for k in range(alpha.shape[1]):
+                    value = float(alpha[u, k])
+                    writer.writerow([name, k, f"{value:.6g}", f"{abs(value):.6g}", position[k] + 1,
+                                     int(position[k] < kept)])
+
+
+# ---------------------------------------------------------------------------------------------- the stages
+def search(context: SearchContext) -> tuple[CTRModel, dict[str, Any]]:
+    """Stage ``search``: train the model with the soft selection layer, alternating weight and ``α`` steps, for
+    up to ``search_epochs`` epochs (the best validation epoch's weights and ``α`` are kept), and save it."""
+    config: DNISConfig = context.config
+    model = context.build_network(DNISSearchEmbedding)
+    embedding = model.embedding
+    assert isinstance(embedding, DNISSearchEmbedding)
+
+    def log_epoch(record: EpochRecord) -> None:
+        context.log_metrics({"search.train_loss": record.train_loss,
+                             **{f"search.valid_{k}": v for k, v in record.valid.items()}}, step=record.epoch)
+
+    train_config = context.recipe.train.model_copy(update={"epochs": config.search_epochs})
+    trainer = BilevelTrainer(model, train_config, context.device, context.batches["valid"], config.arch_lr,
+                             seed=context.recipe.seed, console=context.console, callbacks=[log_epoch])
+    context.say(f"stage search: up to {config.search_epochs} epochs, alpha lr {config.arch_lr:g} on validation "
+                "batches after every training step")
+    fit = trainer.fit(context.batches["train"], context.batches["valid"])
+    embedding.alpha.requires_grad_(True)
+    save_weights(model, context.directory / SEARCH_MODEL_FILE)
+    summary = {"epochs_run": len(fit.history), "best_epoch": fit.best_epoch, "best_valid": fit.best_valid,
+               "architecture_steps": trainer.architecture_step.steps,
+               "history": [r.as_dict() for r in fit.history]}
+    context.say(f"search: best epoch {fit.best_epoch}, valid "
+                + "  ".join(f"{k} {v:.5f}" for k, v in fit.best_valid.items()))
+    return model, summary
+
+
+def load_alpha(context: SearchContext) -> torch.Tensor:
+    """The significance weights of an earlier run's search (``embedding.from_run``), copied into this run."""
+    path = context.copy_earlier(SEARCH_MODEL_FILE)
+    state = load_file(str(path))
+    alpha = state.get(ALPHA_KEY)
+    expected = (len(context.units), context.dim)
+    if alpha is None or tuple(alpha.shape) != expected:
+        raise DataError(f"{path}: no significance weights {ALPHA_KEY} of shape {expected} (the earlier run has other "
+                        "features or another embedding.dim)")
+    return alpha
+
+
+def run(context: SearchContext) -> SearchOutcome:
+    """Run the listed stages; without ``search``, the significance weights come from ``embedding.from_run``."""
+    config: DNISConfig = context.config
+    summary: dict[str, Any] = {}
+    network: CTRModel | None = None
+    if "search" in config.stages:
+        network, summary["search"] = search(context)
+        embedding = network.embedding
+        assert isinstance(embedding, DNISSearchEmbedding)
+        alpha = embedding.alpha.detach().cpu()
+    else:
+        alpha = load_alpha(context)
+    architecture = architecture_from_significance(alpha, context.units, config)
+    write_significance(context, alpha, architecture)
+    rule = f"threshold {config.threshold:g}" if config.threshold is not None else f"budget {config.budget:g}"
+    summary["pruning"] = {"rule": rule}
+    # Without re-training, the run's model is the searched network itself: its blocks were trained on every
+    # dimension in place, so it keeps the full table (alpha folded in); the dims are saved for a later retrain.
+    return SearchOutcome(architecture, retrain="retrain" in config.stages, network=network, summary=summary,
+                         network_architecture=EmbeddingArchitecture(context.dim))

@@ -1,0 +1,245 @@
+"""DNIS: the soft selection layer, the first-order bi-level steps (alpha learns from validation batches only),
+ranking and pruning by threshold or budget, and short runs on synthetic data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+
+from ctrlab.blocks import BLOCKS
+from ctrlab.config.loader import validate_recipe
+from ctrlab.config.train import OptimizerConfig, TrainConfig
+from ctrlab.embeddings import EMBEDDINGS
+from ctrlab.embeddings.dnis import DNISSearchEmbedding
+from ctrlab.embeddings.mixed_dim import EmbeddingArchitecture, EmbeddingUnits
+from ctrlab.errors import RecipeError
+from ctrlab.models import build_model
+from ctrlab.search.dnis import (
+    BilevelTrainer,
+    architecture_from_significance,
+    prune_by_budget,
+    prune_by_threshold,
+    rank_dimensions,
+)
+from ctrlab.search.embedding_search import SearchOutcome, apply_outcome
+from ctrlab.train.optim import build_optimizers
+from ctrlab.train.run import seed_everything, train_recipe
+from embedding_search_recipe import (
+    LAYOUT,
+    embedding_floats,
+    reload_matches_saved_predictions,
+    synthetic_recipe,
+    tiny_batch,
+)
+
+QUIET = Console(quiet=True)
+D = 4
+
+
+def _config(**kw: object):
+    return EMBEDDINGS.get("dnis").config(dim=D, init_std=0.5, **kw)
+
+
+def _model(seed: int = 0, **kw: object):
+    seed_everything(seed)
+    config = BLOCKS.get("deepfm").config(mlp={"hidden": [8]}, linear=True)
+    return build_model(_config(**kw), config, LAYOUT, DNISSearchEmbedding)
+
+
+def test_soft_selection_layer_scales_each_fields_dims_by_its_alpha() -> None:
+    model = _model()
+    embedding = model.embedding
+    batch = tiny_batch()
+    plain = embedding(batch).fields
+    with torch.no_grad():
+        embedding.alpha.copy_(torch.tensor([[1.0, 0.5, 0.0, 2.0], [0.1, 0.2, 0.3, 0.4], [3.0, 3.0, 3.0, 3.0]]))
+    out = embedding(batch)
+    units = torch.tensor([0, 1, 2, 0])  # item, user, x, and the history shares the item table
+    torch.testing.assert_close(out.fields, plain * embedding.alpha[units])
+    torch.testing.assert_close(out.sequences["hist"][0][..., 2], torch.zeros(8, 4))
+    # the network's effective table folds alpha in, row by row
+    rows = EmbeddingUnits.from_layout(LAYOUT).rows
+    expected = embedding.weight * embedding.alpha.repeat_interleave(torch.tensor(rows), dim=0)
+    torch.testing.assert_close(embedding.effective_table(), expected.detach())
+
+
+def test_alpha_learns_from_validation_batches_only() -> None:
+    model = _model()
+    alpha = model.embedding.alpha
+    ids = {id(p) for opt in build_optimizers(model, OptimizerConfig()).optimizers for g in opt.param_groups
+           for p in g["params"]}
+    assert id(alpha) not in ids  # the weights' optimiser never steps alpha
+    train = tiny_batch(8, seed=1)
+    valid = tiny_batch(8, seed=2)
+    valid.label = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0])
+    trainer = BilevelTrainer(model, TrainConfig(progress=False, device="cpu", batch_size=8), torch.device("cpu"),
+                             valid, arch_lr=0.05)
+    assert not alpha.requires_grad  # outside the architecture step, alpha is out of autograd
+    alpha_before = alpha.detach().clone()
+    weights_seen: dict[str, torch.Tensor] = {}
+    step = trainer.architecture_step
+
+    def spy() -> None:  # runs right after the weights' step: record the weights the alpha step sees
+        weights_seen.update({k: v.detach().clone() for k, v in model.named_parameters() if k != "embedding.alpha"})
+        assert alpha.grad is None or torch.equal(alpha.detach(), alpha_before)  # the training step left alpha alone
+        step()
+
+    trainer.optimizers.after_step = spy
+    trainer.train_epoch(train)  # one training step (batch 8) then one alpha step
+    assert step.steps == 1
+    # the weights are exactly those after the training step: the alpha step changed none of them
+    for name, value in model.named_parameters():
+        if name != "embedding.alpha":
+            assert torch.equal(value, weights_seen[name]), name
+    # alpha's gradient is the validation loss's, at those weights and the old alpha
+    check = _model()
+    check.load_state_dict({**weights_seen, "embedding.alpha": alpha_before}, strict=False)
+    check.eval()
+    check.embedding.alpha.requires_grad_(True)
+    loss = F.binary_cross_entropy_with_logits(check(valid), valid.label)
+    (expected,) = torch.autograd.grad(loss, [check.embedding.alpha])
+    torch.testing.assert_close(alpha.grad, expected)
+    train_loss = F.binary_cross_entropy_with_logits(check(train), train.label)
+    (from_train,) = torch.autograd.grad(train_loss, [check.embedding.alpha])
+    assert not torch.allclose(from_train, expected)  # a different gradient: the step used the validation batch
+    # Adam's first step moves every coordinate by lr against the sign of its gradient
+    moved = (alpha_before - alpha.detach())[expected != 0]
+    torch.testing.assert_close(moved, 0.05 * torch.sign(expected[expected != 0]), rtol=0, atol=1e-5)
+
+
+def test_ranking_orders_dims_by_significance() -> None:
+    alpha = torch.tensor([[0.1, -0.9, 0.5, 0.5], [2.0, 1.0, -3.0, 0.0]])
+    assert rank_dimensions(alpha) == [[1, 2, 3, 0], [2, 0, 1, 3]]  # by |alpha|, ties by index
+
+
+def test_threshold_pruning_keeps_dims_above_a_fraction_of_the_largest_alpha() -> None:
+    alpha = torch.tensor([[0.1, -0.9, 0.5, 0.5], [2.0, 1.0, -3.0, 0.0], [0.2, 0.1, 0.1, 0.0]])
+    assert prune_by_threshold(alpha, 0.3) == [1, 3, 0]  # cut at 0.3 · 3 = 0.9: |-0.9|; 2, 1, |-3|; none
+    assert prune_by_threshold(alpha, 1.0) == [0, 1, 0]
+
+
+def test_budget_pruning_by_hand() -> None:
+    alpha = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.5, 0.05]])
+    rows = [10, 1, 5]
+    # budget 0.5 of 16 rows x 2 dims = 16 floats: 0.9 (10), 0.8 (1), 0.7 (1) fit; 0.5 (5) would make 17
+    assert prune_by_budget(alpha, rows, 0.5) == ([1, 2, 0], 12)
+    assert prune_by_budget(alpha, rows, 1.0) == ([2, 2, 2], 32)
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("budget", [0.05, 0.25, 0.5, 0.9])
+def test_budget_pruning_never_exceeds_the_budget_and_fills_it_greedily(seed: int, budget: float) -> None:
+    g = torch.Generator().manual_seed(seed)
+    alpha = torch.randn(7, 8, generator=g)
+    rows = torch.randint(1, 300, (7,), generator=g).tolist()
+    dims, spent = prune_by_budget(alpha, rows, budget)
+    allowed = math.floor(budget * sum(rows) * 8)
+    assert spent == sum(r * d for r, d in zip(rows, dims)) <= allowed
+    # greedy: every unit that could still grow would break the budget
+    assert all(d == 8 or spent + r > allowed for r, d in zip(rows, dims))
+    # and the kept dims of each unit are its most significant ones, in order
+    units = EmbeddingUnits(tuple(f"u{i}" for i in range(7)), tuple(rows), 7, tuple(range(7)), ())
+    config = EMBEDDINGS.get("dnis").config(dim=8, budget=budget)
+    architecture = architecture_from_significance(alpha, units, config)
+    assert architecture.kept_parameters(units) == spent
+    ranks = rank_dimensions(alpha)
+    assert all(architecture.order[f"u{i}"] == ranks[i][:dims[i]] for i in range(7))
+
+
+def test_retrained_table_keeps_dims_in_significance_order() -> None:
+    alpha = torch.tensor([[0.1, -0.9, 0.5, 0.2], [2.0, 0.2, -3.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    units = EmbeddingUnits.from_layout(LAYOUT)
+    architecture = architecture_from_significance(alpha, units, _config(threshold=0.1))  # |alpha| >= 0.3
+    assert architecture.dims == {"item": 2, "user": 2, "x": 4}
+    assert architecture.order == {"item": [1, 2], "user": [2, 0], "x": [0, 1, 2, 3]}
+    table = EMBEDDINGS.build(_config(), LAYOUT)
+    full = table.dense_table()
+    table.prune(architecture)
+    dense = table.dense_table()
+    torch.testing.assert_close(dense[:9, :2], full[:9][:, [1, 2]])
+    torch.testing.assert_close(dense[9:14, :2], full[9:14][:, [2, 0]])
+    assert table.parameter_count() == 9 * 2 + 5 * 2 + 4
+
+
+def test_without_retraining_the_final_model_is_the_searched_network_with_alpha_folded_in() -> None:
+    network = _model(seed=3).eval()
+    with torch.no_grad():
+        network.embedding.alpha.copy_(torch.rand(3, D, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    batch = tiny_batch(32, seed=2)
+    expected = network(batch)
+    seed_everything(4)
+    config = BLOCKS.get("deepfm").config(mlp={"hidden": [8]}, linear=True)
+    final = build_model(_config(), config, LAYOUT)
+    units = EmbeddingUnits.from_layout(LAYOUT)
+    pruned = architecture_from_significance(network.embedding.significance(), units, _config(budget=0.5))
+    outcome = SearchOutcome(pruned, retrain=False, network=network, network_architecture=EmbeddingArchitecture(D))
+    apply_outcome(final, outcome)
+    # the kept dims are not each field's leading ones, so the network keeps its full table (alpha folded in)
+    assert final.embedding.unit_dims == [D, D, D]
+    assert torch.equal(final.eval()(batch), expected)
+
+
+def test_threshold_and_budget_are_alternatives() -> None:
+    base = {"name": "v", "dataset": {"synthetic": {"rows": 100}}, "model": {"block": "deepfm"}}
+    assert validate_recipe({**base, "embedding": {"kind": "dnis"}}).embedding.budget == 0.5
+    assert validate_recipe({**base, "embedding": {"kind": "dnis", "threshold": 0.2}}).embedding.budget is None
+    with pytest.raises(RecipeError, match="embedding.threshold and embedding.budget"):
+        validate_recipe({**base, "embedding": {"kind": "dnis", "threshold": 0.2, "budget": 0.3}})
+    with pytest.raises(RecipeError, match="embedding.budget"):
+        validate_recipe({**base, "embedding": {"kind": "dnis", "budget": 1.5}})
+
+
+# ------------------------------------------------------------------------------------------------ runs
+SEARCH = {"kind": "dnis", "search_epochs": 2, "arch_lr": 1e-2, "budget": 0.4}
+
+
+@pytest.fixture(scope="module")
+def dnis_run(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("dnis")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CTRLAB_CACHE_DIR", str(root / "cache"))
+        recipe = validate_recipe(synthetic_recipe(root / "full", SEARCH))
+        yield root, recipe, train_recipe(recipe, console=QUIET)
+
+
+def test_dnis_run_learns_within_its_budget_and_writes_its_outputs(dnis_run) -> None:
+    _, recipe, result = dnis_run
+    metrics = json.loads((result.output_dir / "metrics.json").read_text())
+    search = metrics["embedding_search"]
+    assert metrics["test"]["auc"] > 0.65
+    assert metrics["embedding_parameters"] == search["kept_parameters"] <= 0.4 * search["full_parameters"]
+    assert search["kept_parameters"] > 0.35 * search["full_parameters"]  # the budget is used, not wasted
+    assert search["search"]["architecture_steps"] == 2 * 16  # one alpha step per training step
+    out = result.output_dir / "embedding_search"
+    assert sorted(p.name for p in out.iterdir()) == ["dims.json", "search_model.safetensors", "significance.csv"]
+    with (out / "significance.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    dims = json.loads((out / "dims.json").read_text())["dims"]
+    assert len(rows) == len(dims) * 8
+    assert {u: sum(int(r["kept"]) for r in rows if r["unit"] == u) for u in dims} == dims
+    assert embedding_floats(result.output_dir / "model.safetensors") == metrics["embedding_parameters"]
+    reload_matches_saved_predictions(result.output_dir, recipe)
+
+
+def test_retrain_from_an_earlier_search_reprunes_and_reproduces(dnis_run) -> None:
+    root, recipe, result = dnis_run
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CTRLAB_CACHE_DIR", str(root / "cache"))
+        same = train_recipe(validate_recipe(synthetic_recipe(
+            root / "same", {**SEARCH, "stages": ["retrain"], "from_run": str(result.output_dir)})), console=QUIET)
+        smaller = train_recipe(validate_recipe(synthetic_recipe(
+            root / "smaller", {**SEARCH, "stages": ["retrain"], "from_run": str(result.output_dir), "budget": 0.1})),
+            console=QUIET)
+    saved = pl.read_parquet(result.output_dir / "test_predictions.parquet")["probability"].to_numpy()
+    again = pl.read_parquet(same.output_dir / "test_predictions.parquet")["probability"].to_numpy()
+    assert np.array_equal(saved, again)
+    assert smaller.metrics["embedding_parameters"] <= 0.1 * result.metrics["embedding_search"]["full_parameters"]
+    assert smaller.metrics["test"]["auc"] > 0.6
