@@ -313,6 +313,23 @@ def test_stages_split_over_two_runs_give_the_same_model(full_run) -> None:
     reload_matches_saved_predictions(searched.output_dir, recipe)
 
 
+def test_search_rows_scores_candidates_on_a_fixed_validation_sample(full_run) -> None:
+    root, _, result = full_run
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CTRLAB_CACHE_DIR", str(root / "cache"))
+        sampled = train_recipe(validate_recipe(synthetic_recipe(
+            root / "sampled", {**SEARCH, "stages": ["supernet", "search"], "search_rows": 1000})), console=QUIET)
+
+    def scores(run_dir: Path) -> list[float]:
+        with (run_dir / "embedding_search" / "search_history.csv").open() as f:
+            return [float(r["valid_auc"]) for r in csv.DictReader(f)]
+
+    full, sample = scores(result.output_dir), scores(sampled.output_dir)
+    assert result.metrics["rows"]["valid"] == 2000 and len(sample) == len(full)
+    # the same supernet (same seed) scored on 1,000 of the 2,000 validation rows: other AUCs, same search length
+    assert sample[0] != full[0] and all(0.5 < a < 1 for a in sample)
+
+
 def test_from_run_without_stage_outputs_is_a_data_error(tmp_path: Path, cache_dir: Path) -> None:
     recipe = validate_recipe(synthetic_recipe(tmp_path / "out", {**SEARCH, "stages": ["search", "retrain"],
                                                                  "from_run": str(tmp_path / "nowhere")}))

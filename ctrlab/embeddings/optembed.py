@@ -55,6 +55,8 @@ class OptEmbedConfig(SearchableEmbeddingConfig):
     mutation_prob: float = Field(0.1, gt=0, le=1, description="chance that a mutation redraws a field's dimension")
     parents: int = Field(15, ge=1, description="mutations and crossovers draw their parents from this many best "
                                                "candidates of the generation")
+    search_rows: int | None = Field(None, ge=1000, description="score each candidate on a seeded sample of this "
+                                                               "many validation rows (default: all of them)")
 
     @model_validator(mode="after")
     def _population(self) -> OptEmbedConfig:

@@ -203,7 +203,12 @@ def search_dims(context: SearchContext, model: CTRModel, rows: dict[str, torch.T
     assert isinstance(supernet, OptEmbedSupernet)
     units = context.units
     kept_rows = [int(rows[n].sum()) if n in rows else r for n, r in zip(units.names, units.rows)]
-    valid = context.batches["valid"].to(context.device)
+    valid = context.batches["valid"]
+    if config.search_rows is not None and len(valid) > config.search_rows:
+        # Hundreds of candidates are scored: a fixed sample bounds the cost, the same rows for every candidate.
+        sample = torch.randperm(len(valid), generator=torch.Generator().manual_seed(context.recipe.seed))
+        valid = valid.select(sample[:config.search_rows])
+    valid = valid.to(context.device)
     train = context.recipe.train
     size = config.keep + config.mutation + config.crossover
     context.say(f"stage search: {config.generations} generations of {size} candidates (keep {config.keep}, "
