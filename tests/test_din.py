@@ -115,6 +115,22 @@ def test_attention_weights_are_not_normalised_and_padding_gets_zero() -> None:
     assert isinstance(unit, LocalActivationUnit) and unit.net[0].in_features == 4 * 3
 
 
+def test_mean_reduce_divides_the_weighted_sum_by_the_number_of_real_behaviours() -> None:
+    torch.manual_seed(0)
+    summed = AttentionPooling(3, [6, 4], "prelu").eval()
+    averaged = AttentionPooling(3, [6, 4], "prelu", reduce="mean").eval()
+    averaged.load_state_dict(summed.state_dict())
+    behaviours = torch.randn(3, 4, 3)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    candidate = torch.randn(3, 3)
+    total, weights = summed(behaviours, candidate, mask, return_weights=True)
+    mean, same_weights = averaged(behaviours, candidate, mask, return_weights=True)
+    torch.testing.assert_close(same_weights, weights)  # the same unnormalised weights
+    torch.testing.assert_close(mean[0], total[0] / 3)
+    torch.testing.assert_close(mean[1], total[1])
+    assert torch.all(mean[2] == 0)  # an empty history stays a zero vector (no division by zero)
+
+
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("activation", ["dice", "prelu"])
 def test_padding_never_changes_a_din_score(training: bool, activation: str) -> None:

@@ -42,6 +42,9 @@ class DINConfig(_HistoryConfig):
     block: Literal["din"] = "din"
     attention_hidden: list[int] = Field(default_factory=lambda: [80, 40])
     attention_activation: Literal["dice", "prelu"] = "dice"
+    attention_reduce: Literal["sum", "mean"] = Field(
+        "sum", description="sum: Σ_j a_j·e_j as in the paper (eq. 3); mean: that sum divided by the number of real "
+                           "behaviours (not in the paper; the weights are still not softmax-normalised)")
 
 
 def _locate(config: _HistoryConfig, shape: BlockInput) -> tuple[int, int]:
@@ -75,7 +78,8 @@ class HistoryMLPBlock(InteractionBlock):
         self.attention: AttentionPooling | None = None
         if self.attention_pooling:
             assert isinstance(config, DINConfig)
-            self.attention = AttentionPooling(shape.dim, config.attention_hidden, config.attention_activation)
+            self.attention = AttentionPooling(shape.dim, config.attention_hidden, config.attention_activation,
+                                              config.attention_reduce)
         self.mlp = deep_mlp(shape.num_fields * shape.dim, config.mlp, out_dim=1, activation=config.mlp_activation)
 
     def mlp_input(self, embedded: EmbeddingOutput) -> torch.Tensor:

@@ -30,6 +30,22 @@ class EmbeddingOutput:
     fields: torch.Tensor
     sequences: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
+    @classmethod
+    def assemble(cls, layout: FeatureLayout, parts: list[torch.Tensor],
+                 sequences: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> EmbeddingOutput:
+        """The output of any embedding layer: ``parts`` (the categorical then numeric field vectors, each
+        ``[B, F_k, D]``) followed by every sequence of ``layout`` pooled over its real items as its spec says (sum or
+        mean; the unpooled ``vectors`` must already be zero at padding)."""
+        fields = list(parts)
+        for spec in layout.sequence:
+            vectors, mask = sequences[spec.name]
+            pooled = vectors.sum(dim=1)
+            if spec.pooling == "mean":
+                pooled = pooled / mask.sum(dim=1, keepdim=True).clamp(min=1)
+            fields.append(pooled.unsqueeze(1))
+        # one kind of field: no copy
+        return cls(fields[0] if len(fields) == 1 else torch.cat(fields, dim=1), sequences)
+
 
 class FeatureEmbedding(nn.Module):
     """Maps a batch to per-field vectors.

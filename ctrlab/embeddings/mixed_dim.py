@@ -398,13 +398,8 @@ class MixedDimEmbedding(FeatureEmbedding):
                 vectors = vectors * mask.unsqueeze(-1).to(vectors.dtype)
             else:
                 vectors = self._zeros(ids.shape, ids.device)
-            summed = vectors.sum(dim=1)
-            if spec.pooling == "mean":
-                summed = summed / mask.sum(dim=1, keepdim=True).clamp(min=1)
-            parts.append(summed.unsqueeze(1))
             sequences[spec.name] = (vectors, mask)
-        fields = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        return EmbeddingOutput(fields, sequences)
+        return EmbeddingOutput.assemble(self.layout, parts, sequences)
 
     # ----------------------------------------------------------------------- trainer hooks and accounting
     def table_parameters(self) -> list[nn.Parameter]:

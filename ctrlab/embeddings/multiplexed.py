@@ -153,13 +153,8 @@ class MultiplexedEmbedding(FeatureEmbedding):
         for spec in self.layout.sequence:
             mask = batch.sequences[spec.name] != PADDING_ID
             vectors = self._lookup(self._sequence_rows(batch, spec.name)) * mask.unsqueeze(-1)
-            summed = vectors.sum(dim=1)
-            if spec.pooling == "mean":
-                summed = summed / mask.sum(dim=1, keepdim=True).clamp(min=1)
-            parts.append(summed.unsqueeze(1))
             sequences[spec.name] = (vectors, mask)
-        fields = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        return EmbeddingOutput(fields, sequences)
+        return EmbeddingOutput.assemble(self.layout, parts, sequences)
 
     def row_ids(self, batch: FeatureBatch) -> torch.Tensor:
         """The rows of :attr:`weight` the batch looks up, one entry per lookup (k per value; repeats kept, padding

@@ -93,13 +93,8 @@ class PerFieldEmbedding(FeatureEmbedding):
             ids = batch.sequences[spec.name]
             mask = ids > 0
             vectors = self._lookup(ids + self.sequence_offsets[spec.name]) * mask.unsqueeze(-1)
-            summed = vectors.sum(dim=1)
-            if spec.pooling == "mean":
-                summed = summed / mask.sum(dim=1, keepdim=True).clamp(min=1)
-            parts.append(summed.unsqueeze(1))
             sequences[spec.name] = (vectors, mask)
-        fields = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # no copy for one kind of field
-        return EmbeddingOutput(fields, sequences)
+        return EmbeddingOutput.assemble(self.layout, parts, sequences)
 
     def row_ids(self, batch: FeatureBatch) -> torch.Tensor:
         """The global rows of :attr:`weight` the batch looks up, one entry per lookup (repeats kept): every

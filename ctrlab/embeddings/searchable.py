@@ -138,13 +138,8 @@ class FullTableSearchEmbedding(FeatureEmbedding):
             mask = ids > 0
             vectors = F.embedding(ids + self.unit_starts[unit], self.weight, sparse=self.sparse)
             vectors = self.select(vectors, self.flat_units.new_tensor([unit])) * mask.unsqueeze(-1).to(vectors.dtype)
-            summed = vectors.sum(dim=1)
-            if spec.pooling == "mean":
-                summed = summed / mask.sum(dim=1, keepdim=True).clamp(min=1)
-            parts.append(summed.unsqueeze(1))
             sequences[spec.name] = (vectors, mask)
-        fields = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        return EmbeddingOutput(fields, sequences)
+        return EmbeddingOutput.assemble(self.layout, parts, sequences)
 
     def table_parameters(self) -> list[nn.Parameter]:
         return [self.weight]

@@ -89,14 +89,23 @@ class LocalActivationUnit(nn.Module):
 
 
 class AttentionPooling(nn.Module):
-    """DIN's user-interest vector: ``v_U = Σ_j a(e_j, e_c) · e_j`` over the real behaviours (eq. 3)."""
+    """DIN's user-interest vector: ``v_U = Σ_j a(e_j, e_c) · e_j`` over the real behaviours (eq. 3).
 
-    def __init__(self, dim: int, hidden: list[int], activation: Literal["dice", "prelu"] = "dice") -> None:
+    With ``reduce="mean"`` the weighted sum is divided by the number of real behaviours (still no softmax: the
+    weights keep their intensity relative to each other, but the vector's scale no longer grows with the history's
+    length). This is not in the paper; it is the option that matches a mean-pooled baseline's scale.
+    """
+
+    def __init__(self, dim: int, hidden: list[int], activation: Literal["dice", "prelu"] = "dice",
+                 reduce: Literal["sum", "mean"] = "sum") -> None:
         super().__init__()
         self.unit = LocalActivationUnit(dim, hidden, activation)
+        self.reduce = reduce
 
     def forward(self, behaviours: torch.Tensor, candidate: torch.Tensor, mask: torch.Tensor,
                 return_weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         weights = self.unit(behaviours, candidate, mask)
         pooled = (weights.unsqueeze(-1) * behaviours * mask.unsqueeze(-1)).sum(dim=1)
+        if self.reduce == "mean":
+            pooled = pooled / mask.sum(dim=1, keepdim=True).clamp(min=1).to(pooled.dtype)
         return (pooled, weights) if return_weights else pooled
