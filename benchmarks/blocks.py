@@ -11,7 +11,8 @@ Suites (``--suites``):
   reference = the Bayes-optimal test AUC (the generator knows every row's true click probability).
 * ``ml1m``: ``recipes/ml1m_din.yaml`` against ``recipes/ml1m_history_pooling.yaml`` (same embedding and MLP, the
   history mean-pooled instead of attention-pooled); reported by test gAUC (grouped by user), reference = the
-  pooling baseline's mean gAUC.
+  pooling baseline's mean gAUC. ``din_mean`` is DIN with ``model.attention_reduce: mean`` (the weighted sum
+  divided by the history's length; not in the paper).
 
 Throughput (``--throughput``) is timed apart from the training runs, on a quiet machine: ``--throughput-steps``
 training steps of 4096 Frappe rows per block after a warm-up step (forward, backward, optimizer), so runs done in
@@ -51,12 +52,15 @@ REPO = Path(__file__).resolve().parents[1]
 BARS_FRAPPE_X1 = {"fm": 0.9671, "deepfm": 0.9842, "dcnv2": 0.9845, "autoint": 0.9831, "autoint_plus": 0.9848,
                   "fgcnn": 0.9842}
 FRAPPE_BLOCKS = ["fm", "deepfm", "dcnv2", "autoint", "autoint_plus", "fgcnn"]
-SEQUENCE_BLOCKS = ["history_pooling", "din"]
+SEQUENCE_BLOCKS = ["history_pooling", "din", "din_mean"]
+# Benchmark rows that are a recipe plus overrides: name -> (recipe block, override of the recipe's model section).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"din_mean": ("din", {"attention_reduce": "mean"})}
 SUITES = ("frappe", "synthetic", "ml1m")
 TARGET_GAP = 0.002
 
 
 def _recipe_file(suite: str, block: str) -> Path:
+    block = VARIANTS.get(block, (block, {}))[0]
     return REPO / "recipes" / (f"ml1m_{block}.yaml" if suite == "ml1m" else f"frappe_{block}.yaml")
 
 
@@ -71,6 +75,7 @@ def _recipe(suite: str, block: str, seed: int, out: Path, synthetic_rows: int) -
                          "metrics": ["auc", "logloss"]}
     else:
         data = model_recipe
+    data["model"] = {**data["model"], **VARIANTS.get(block, ("", {}))[1]}
     data.update({"name": f"{suite}_{block}_s{seed}", "seed": seed, "output_dir": str(out / f"{suite}_{block}_s{seed}")})
     data.setdefault("train", {})["progress"] = False
     data["tracking"] = {"enabled": False}
