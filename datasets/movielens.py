@@ -8,8 +8,8 @@ label. Rows keep the order of the ratings file; every rating must find its user 
 error, never a dropped row). Timestamps are unix seconds as decimal strings (ML-1M mixes 9- and 10-digit values:
 compare them as integers).
 
-``load_ml1m_seq`` / ``load_ml100k_seq`` add the behaviour history ``hist_movies`` (see :func:`add_history`) for
-DIN-style models.
+``load_ml1m_seq`` / ``load_ml100k_seq`` add, for DIN-style models, the movie's first genre ``genre`` and the
+behaviour history as two aligned columns: ``hist_genres`` and ``hist_movies`` (see :func:`add_histories`).
 """
 
 from __future__ import annotations
@@ -185,17 +185,37 @@ def load_ml100k(card: "DatasetCard", data_dir: Path) -> dict[str, pl.DataFrame]:
 # ---------------------------------------------------------------------------------------------- behaviour histories
 
 HISTORY_COLUMN = "hist_movies"
+GENRE_HISTORY_COLUMN = "hist_genres"
+GENRE_COLUMN = "genre"
 MAX_HISTORY = 50
+NO_GENRE = "(no genres listed)"  # MovieLens' own token for a movie without genres (later releases use it)
 
 
-def add_history(frame: pl.DataFrame, max_len: int = MAX_HISTORY) -> pl.DataFrame:
+def add_first_genre(frame: pl.DataFrame) -> pl.DataFrame:
+    """Add ``genre``: the movie's first listed genre (the first ``"|"``-separated entry of ``genres``; ML-100K lists
+    them in ``u.genre`` order). A movie without genres gets :data:`NO_GENRE`, never ``""``: an empty token would be
+    dropped from ``hist_genres`` and shift it against ``hist_movies``."""
+    first = pl.col("genres").str.extract(r"^([^|]+)", 1).fill_null(NO_GENRE)
+    return frame.with_columns(first.alias(GENRE_COLUMN))
+
+
+def add_history(
+    frame: pl.DataFrame, max_len: int = MAX_HISTORY, items: dict[str, str] | None = None
+) -> pl.DataFrame:
     """Add ``hist_movies``: per row, the ``"|"``-joined movie ids the same user rated positively (label ``"1"``)
     strictly before the row's timestamp, oldest first and most recent last, at most ``max_len`` (the most
     recent). Ratings at the same second as the row are not history (their order is unknown). ``""`` when empty.
 
+    ``items`` maps each history column to add to the column whose value it lists (default
+    ``{"hist_movies": "movie_id"}``). Every history column takes the same behaviours in the same order, so they are
+    aligned position by position: with ``{"hist_genres": "genre", "hist_movies": "movie_id"}``, the j-th entry of
+    ``hist_genres`` is the ``genre`` of the j-th movie of ``hist_movies``. Their values must not be ``""`` (nor hold
+    ``"|"``), or the joined strings would lose the alignment. Columns are added in the order of ``items``.
+
     Vectorised: the positives are sorted by (user, time) once; each row's history is the slice of that array that
     ends at ``searchsorted((user, timestamp))`` (left side, so equal timestamps are excluded).
     """
+    items = {HISTORY_COLUMN: "movie_id"} if items is None else items
     user = frame.get_column("user_id").rank("dense").cast(pl.Int64).to_numpy() - 1
     time = frame.get_column("timestamp").str.strip_chars().cast(pl.Int64).to_numpy()
     if time.min(initial=0) < 0 or time.max(initial=0) >= 2**32:
@@ -205,25 +225,38 @@ def add_history(frame: pl.DataFrame, max_len: int = MAX_HISTORY) -> pl.DataFrame
     pos_index = np.flatnonzero(positive)
     order = pos_index[np.argsort(key[pos_index], kind="stable")]
     pos_key = key[order]
-    pos_movie = frame.get_column("movie_id").gather(order).to_arrow()
     end = np.searchsorted(pos_key, key, side="left")  # positives of earlier users, or this user strictly earlier
     user_start = np.searchsorted(pos_key, user << 32, side="left")
     start = np.maximum(user_start, end - max_len)
     lengths = end - start
     offsets = np.zeros(len(frame) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    flat = np.repeat(start - offsets[:-1], lengths) + np.arange(offsets[-1])
-    values = pa.compute.take(pos_movie, pa.array(flat, type=pa.int64()))
-    lists = pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), values)
-    history = pl.Series(HISTORY_COLUMN, lists).list.join("|")
-    return frame.with_columns(history)
+    flat = pa.array(np.repeat(start - offsets[:-1], lengths) + np.arange(offsets[-1]), type=pa.int64())
+    list_offsets = pa.array(offsets, type=pa.int32())
+    histories = []
+    for name, source in items.items():
+        column = frame.get_column(source)
+        bad = column.is_null() | (column == "") | column.str.contains("|", literal=True)
+        if bad.any():
+            raise DataError(f"{bad.sum()} rows have an empty, null or '|'-holding {source}: cannot list it in {name}")
+        values = pa.compute.take(column.gather(order).to_arrow(), flat)
+        lists = pa.ListArray.from_arrays(list_offsets, values)
+        histories.append(pl.Series(name, lists).list.join("|"))
+    return frame.with_columns(histories)
+
+
+def add_histories(frame: pl.DataFrame) -> pl.DataFrame:
+    """The columns the ``*_seq`` cards add: ``genre`` (:func:`add_first_genre`), then ``hist_genres`` and
+    ``hist_movies`` (:func:`add_history`), aligned: ``hist_genres[j]`` is the first genre of ``hist_movies[j]``
+    (DIN represents each behaviour by several features, Zhou et al. 2018 §4)."""
+    return add_history(add_first_genre(frame), items={GENRE_HISTORY_COLUMN: GENRE_COLUMN, HISTORY_COLUMN: "movie_id"})
 
 
 def load_ml1m_seq(card: "DatasetCard", data_dir: Path) -> dict[str, pl.DataFrame]:
-    """:func:`load_ml1m` plus the behaviour history ``hist_movies`` (see :func:`add_history`)."""
-    return {"all": add_history(load_ml1m(card, data_dir)["all"])}
+    """:func:`load_ml1m` plus ``genre``, ``hist_genres`` and ``hist_movies`` (see :func:`add_histories`)."""
+    return {"all": add_histories(load_ml1m(card, data_dir)["all"])}
 
 
 def load_ml100k_seq(card: "DatasetCard", data_dir: Path) -> dict[str, pl.DataFrame]:
-    """:func:`load_ml100k` plus the behaviour history ``hist_movies`` (see :func:`add_history`)."""
-    return {"all": add_history(load_ml100k(card, data_dir)["all"])}
+    """:func:`load_ml100k` plus ``genre``, ``hist_genres`` and ``hist_movies`` (see :func:`add_histories`)."""
+    return {"all": add_histories(load_ml100k(card, data_dir)["all"])}

@@ -1,5 +1,5 @@
-"""DIN: Dice, the local activation unit, the DIN and history-pooling blocks, the mini-batch aware L2 and its
-wiring into training, the MovieLens behaviour histories, and a tiny synthetic run."""
+"""DIN: Dice, the local activation unit, the DIN and history-pooling blocks (one history or several aligned ones),
+the mini-batch aware L2 and its wiring into training, the MovieLens behaviour histories, and a tiny synthetic run."""
 
 from __future__ import annotations
 
@@ -209,6 +209,177 @@ def test_candidate_and_history_are_checked_by_name() -> None:
             BLOCKS.build(config(**kw), BlockInput(LAYOUT, 4))
 
 
+# ------------------------------------------------------------------------------------------------ several histories
+
+# Two aligned histories (a behaviour = an item and its category), a third sequence that is not a history, and the
+# histories' slots in the opposite order to the candidate list: `history: [hist, hist_cate]` puts chunk 0 in slot
+# 5 and chunk 1 in slot 4.
+LAYOUT2 = FeatureLayout((
+    FieldSpec("item", "categorical", 9, "item"),
+    FieldSpec("user", "categorical", 5, "user"),
+    FieldSpec("cate", "categorical", 4, "cate"),
+    FieldSpec("x", "numeric"),
+    FieldSpec("hist_cate", "sequence", 4, "cate", 4, "mean"),
+    FieldSpec("hist", "sequence", 9, "item", 4, "sum"),
+    FieldSpec("short", "sequence", 4, "cate", 3, "sum"),
+))
+SLOT = {"item": 0, "cate": 2, "hist_cate": 4, "hist": 5, "short": 6}
+CATE_OF = torch.tensor([0, 1, 2, 3, 2, 3, 2, 3, 2])  # item id -> category id (padding 0 -> 0, OOV 1 -> 1)
+PAIRS = {"candidate": ["item", "cate"], "history": ["hist", "hist_cate"]}
+
+
+def _batch2(n: int = 8, extra_padding: int = 0) -> FeatureBatch:
+    base = _batch(n, extra_padding)
+    hist = base.sequences["hist"]
+    g = torch.Generator().manual_seed(2)
+    short = torch.randint(1, 4, (n, 3), generator=g)
+    short[0] = 0
+    short[1, 2:] = 0
+    if extra_padding:
+        short = torch.cat([short, torch.zeros(n, extra_padding, dtype=short.dtype)], dim=1)
+    item = base.categorical[:, :1]
+    return FeatureBatch(
+        categorical=torch.cat([base.categorical, CATE_OF[item]], dim=1),
+        numeric=base.numeric,
+        sequences={"hist_cate": CATE_OF[hist], "hist": hist, "short": short},
+        label=base.label,
+    )
+
+
+def _model2(block: str = "din", dim: int = 4, seed: int = 0, **kw: object):
+    torch.manual_seed(seed)
+    config = BLOCKS.get(block).config(**{**PAIRS, "mlp": {"hidden": [8]}, **kw})
+    return build_model(EMBEDDINGS.get("per_field").config(dim=dim, init_std=0.5), config, LAYOUT2)
+
+
+def test_two_histories_shapes_and_the_attention_unit_sees_the_concatenated_behaviours() -> None:
+    batch = _batch2()
+    din, base = _model2("din"), _model2("history_pooling")
+    assert din(batch).shape == (8,) and base(batch).shape == (8,)
+    d, k = 4, 2
+    unit = din.block.attention.unit
+    assert unit.net[0].in_features == 4 * k * d  # [e_j, e_c, e_j - e_c, e_j * e_c], each k·D wide
+    assert din.block.mlp[0].in_features == base.block.mlp[0].in_features == LAYOUT2.num_fields * d  # unchanged
+    din.eval()
+    embedded = din.embedding(batch)
+    seen = []
+    handle = unit.net[0].register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    din.block.mlp_input(embedded)
+    handle.remove()
+    (rows,) = seen
+    items, mask = embedded.sequences["hist"]
+    cates, cate_mask = embedded.sequences["hist_cate"]
+    assert torch.equal(mask, cate_mask)  # aligned histories, padded alike
+    keys = torch.cat([items, cates], dim=-1)[mask]  # real behaviours only, row-major
+    query = torch.cat([embedded.fields[:, 0], embedded.fields[:, 2]], dim=-1)
+    query = query.unsqueeze(1).expand(-1, mask.shape[1], -1)[mask]
+    assert rows.shape == (int(mask.sum()), 4 * k * d)
+    torch.testing.assert_close(rows, torch.cat([keys, query, keys - query, keys * query], dim=-1))
+
+
+def test_two_histories_mlp_input_holds_each_history_chunk_in_its_own_slot() -> None:
+    batch = _batch2()
+    din = _model2("din", attention_reduce="mean").eval()
+    embedded = din.embedding(batch)
+    d = 4
+    x = din.block.mlp_input(embedded).view(8, LAYOUT2.num_fields, d)
+    others = [i for i in range(LAYOUT2.num_fields) if i not in (SLOT["hist"], SLOT["hist_cate"])]
+    torch.testing.assert_close(x[:, others], embedded.fields[:, others])  # every other field as it is
+    items, mask = embedded.sequences["hist"]
+    cates, _ = embedded.sequences["hist_cate"]
+    candidate = torch.cat([embedded.fields[:, SLOT["item"]], embedded.fields[:, SLOT["cate"]]], dim=-1)
+    pooled = din.block.attention(torch.cat([items, cates], dim=-1), candidate, mask)
+    assert pooled.shape == (8, 2 * d)
+    torch.testing.assert_close(x[:, SLOT["hist"]], pooled[:, :d])  # chunk 0: history[0] = hist
+    torch.testing.assert_close(x[:, SLOT["hist_cate"]], pooled[:, d:])  # chunk 1: history[1] = hist_cate
+    # one attention weight per behaviour scales both of its features
+    _, weights = din.block.attention(torch.cat([items, cates], dim=-1), candidate, mask, return_weights=True)
+    count = mask.sum(1, keepdim=True).clamp(min=1)
+    torch.testing.assert_close(pooled[:, :d], (weights.unsqueeze(-1) * items).sum(1) / count)
+    torch.testing.assert_close(pooled[:, d:], (weights.unsqueeze(-1) * cates).sum(1) / count)
+    assert torch.all(x[0, [SLOT["hist"], SLOT["hist_cate"]]] == 0)  # an empty history: zero vectors
+    # end to end: every parameter gets a gradient
+    din.train()
+    torch.nn.functional.binary_cross_entropy_with_logits(din(batch), batch.label).backward()
+    assert all(p.grad is not None for p in din.parameters())
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_padding_never_changes_a_din_score_with_two_histories(training: bool) -> None:
+    model = _model2("din", mlp_activation="dice")
+    model.train(training)
+    reference = model(_batch2())
+    padded = _batch2(extra_padding=3)
+    torch.testing.assert_close(model(padded), reference, rtol=0, atol=0)
+    with torch.no_grad():  # garbage in both tables' padding rows
+        for table in ("item", "cate"):
+            model.embedding.weight[model.embedding.table_offsets[table]] = 123.0
+    torch.testing.assert_close(model(padded), reference, rtol=0, atol=0)
+    # the mask is the first history's: whatever the second holds where the first is padding is ignored
+    noisy = _batch2(extra_padding=3)
+    hist_cate = noisy.sequences["hist_cate"]
+    hist_cate[noisy.sequences["hist"] == 0] = 3
+    torch.testing.assert_close(model(noisy), reference, rtol=0, atol=0)
+
+
+def test_one_name_and_a_list_of_one_build_the_same_model() -> None:
+    batch = _batch()
+    torch.manual_seed(0)
+    listed = build_model(EMBEDDINGS.get("per_field").config(dim=4, init_std=0.5),
+                         BLOCKS.get("din").config(candidate=["item"], history=["hist"], mlp={"hidden": [8]}), LAYOUT)
+    single = _model("din")
+    assert listed.state_dict().keys() == single.state_dict().keys()
+    listed.load_state_dict(single.state_dict())
+    torch.testing.assert_close(listed.eval()(batch), single.eval()(batch), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pooling", [None, "sum", "mean"])
+def test_baseline_pools_each_of_two_histories_into_its_own_slot(pooling: str | None) -> None:
+    batch = _batch2()
+    model = _model2("history_pooling", pooling=pooling).eval()
+    embedded = model.embedding(batch)
+    x = model.block.mlp_input(embedded).view(8, LAYOUT2.num_fields, 4)
+    if pooling is None:  # each history keeps its own feature's pooling (sum for hist, mean for hist_cate)
+        torch.testing.assert_close(x, embedded.fields)
+        return
+    table = model.embedding.weight.detach()
+    for name in ("hist", "hist_cate"):
+        ids = batch.sequences[name]
+        rows = table[ids + model.embedding.sequence_offsets[name]] * (ids > 0).unsqueeze(-1)
+        expected = rows.sum(1)
+        if pooling == "mean":
+            expected = expected / (ids > 0).sum(1, keepdim=True).clamp(min=1)
+        torch.testing.assert_close(x[:, SLOT[name]], expected)
+    others = [i for i in range(LAYOUT2.num_fields) if i not in (SLOT["hist"], SLOT["hist_cate"])]
+    torch.testing.assert_close(x[:, others], embedded.fields[:, others])
+
+
+@pytest.mark.parametrize("block", ["din", "history_pooling"])
+def test_paired_candidates_and_histories_are_validated(block: str) -> None:
+    config = BLOCKS.get(block).config
+    for kw, message in (
+        ({"candidate": ["item", "cate"], "history": ["hist"]},
+         r"candidate names 2 field\(s\) \(item, cate\) but history names 1 \(hist\)"),
+        ({"candidate": "item", "history": ["hist", "hist_cate"]}, "candidate names 1"),
+        ({"candidate": [], "history": []}, "at least one field"),
+        ({"candidate": ["item", "cate"], "history": ["hist", "hist"]}, "history names 'hist' more than once"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            config(**kw)
+    for kw, message in (
+        ({"candidate": ["item", "cate"], "history": ["hist_cate", "hist"]},
+         r"history 'hist_cate' must share the vocabulary of its candidate 'item' \(share_vocab_with: item\)"),
+        ({"candidate": ["item", "user"], "history": ["hist", "hist_cate"]},
+         "history 'hist_cate' must share the vocabulary of its candidate 'user'"),
+        ({"candidate": ["item", "cate"], "history": ["hist", "short"]},
+         "history 'short' has max_len 3 but 'hist' has 4.*same max_len"),
+        ({"candidate": ["item", "x"], "history": ["hist", "hist_cate"]}, "candidate 'x' is not a categorical"),
+        ({"candidate": ["item", "cate"], "history": ["hist", "cate"]}, "history 'cate' is not a sequence"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            BLOCKS.build(config(**kw), BlockInput(LAYOUT2, 4))
+
+
 # ------------------------------------------------------------------------------------------------ MBA L2
 
 
@@ -330,3 +501,31 @@ def test_movielens_histories_hold_only_earlier_positives(name: str, shared_data_
               .fill_null(0))
     assert (counts["n"] == counts["earlier"].clip(upper_bound=50)).all()
     assert counts["n"].max() == 50
+
+
+@pytest.mark.parametrize("name", ["ml100k_seq", "ml1m_seq"])
+def test_movielens_genre_histories_are_aligned_with_the_movie_histories(name: str, shared_data_dir: Path) -> None:
+    from ctrlab.data.processor import FeatureProcessor
+    from ctrlab.datasets.cards import load_card
+
+    card = load_card(name)
+    features = {f.name: f for f in card.features.sequence}
+    assert "genre" in [f.name for f in card.features.categorical]
+    assert features["hist_genres"].share_vocab_with == "genre"
+    assert features["hist_genres"].max_len == features["hist_movies"].max_len == 50
+    assert features["hist_genres"].pooling == features["hist_movies"].pooling
+    frame = card.load(shared_data_dir, verify=False)["all"]
+    first = pl.col("genres").str.split("|").list.first()
+    assert (frame["genre"] == frame.select(first)["genres"]).all()  # the first listed genre
+    # hist_genres, rebuilt from hist_movies with each movie's first genre, on every row
+    movies = frame.select("movie_id", first.alias("first")).unique()
+    assert movies["movie_id"].is_duplicated().sum() == 0
+    genre_of = dict(zip(movies["movie_id"].to_list(), movies["first"].to_list())) | {"": ""}
+    rebuilt = frame.select(pl.col("hist_movies").str.split("|")
+                           .list.eval(pl.element().replace_strict(genre_of)).list.join("|"))["hist_movies"]
+    assert (rebuilt == frame["hist_genres"]).all()
+    assert (frame["hist_genres"] != "").sum() == (frame["hist_movies"] != "").sum() > 0
+    # encoded, both histories are padded alike: the first history's mask is the second's
+    processor = FeatureProcessor(card.features, card.label, card.group_by).fit(frame)
+    encoded = processor.transform(frame)
+    assert np.array_equal(encoded.sequences["hist_movies"] > 0, encoded.sequences["hist_genres"] > 0)

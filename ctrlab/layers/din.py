@@ -66,6 +66,9 @@ def deep_mlp(in_dim: int, config: MLPConfig, out_dim: int | None = 1, activation
 class LocalActivationUnit(nn.Module):
     """Scores each behaviour against the candidate: ``a(e_j, e_c) = MLP([e_j, e_c, e_j − e_c, e_j ⊙ e_c])``.
 
+    ``dim`` is the width of one behaviour vector: ``k·D`` when a behaviour is the concatenation of ``k`` features'
+    embeddings (DIN §4, Fig. 2: goods_id, shop_id, cate_id), so the network's input is ``4·k·D`` wide.
+
     The weights are NOT softmax-normalised (DIN keeps the intensity of the user's interest). Only real (unmasked)
     behaviours go through the network, so padded positions get weight exactly 0 and never influence the result,
     not even through Dice's batch statistics.
@@ -90,6 +93,9 @@ class LocalActivationUnit(nn.Module):
 
 class AttentionPooling(nn.Module):
     """DIN's user-interest vector: ``v_U = Σ_j a(e_j, e_c) · e_j`` over the real behaviours (eq. 3).
+
+    ``e_j`` and ``e_c`` may each be a concatenation of several features' embeddings (``dim = k·D``); ``v_U`` then has
+    the same ``k·D`` layout.
 
     With ``reduce="mean"`` the weighted sum is divided by the number of real behaviours (still no softmax: the
     weights keep their intensity relative to each other, but the vector's scale no longer grows with the history's
