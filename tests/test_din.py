@@ -131,6 +131,25 @@ def test_mean_reduce_divides_the_weighted_sum_by_the_number_of_real_behaviours()
     assert torch.all(mean[2] == 0)  # an empty history stays a zero vector (no division by zero)
 
 
+def test_output_bias_one_starts_the_attention_from_plain_pooling() -> None:
+    torch.manual_seed(0)
+    pooling = AttentionPooling(3, [6, 4], "dice", reduce="mean", output_bias=1.0).eval()
+    output = pooling.unit.net[-1]
+    assert torch.all(output.bias == 1.0)
+    assert torch.all(AttentionPooling(3, [6, 4], "dice").unit.net[-1].bias == 0.0)  # the default: 0
+    behaviours = torch.randn(2, 4, 3)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    with torch.no_grad():
+        output.weight.zero_()  # what the unit learns on top of the bias
+    pooled, weights = pooling(behaviours, torch.randn(2, 3), mask, return_weights=True)
+    torch.testing.assert_close(weights, mask.float())  # weight 1 on every real behaviour, 0 on padding
+    torch.testing.assert_close(pooled[0], behaviours[0, :2].mean(dim=0))  # = the mean-pooling baseline
+    torch.testing.assert_close(pooled[1], behaviours[1].mean(dim=0))
+    block = BLOCKS.get("din")
+    config = block.config(candidate="item", history="hist", attention_output_bias=1.0)
+    assert config.attention_output_bias == 1.0
+
+
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("activation", ["dice", "prelu"])
 def test_padding_never_changes_a_din_score(training: bool, activation: str) -> None:

@@ -336,3 +336,22 @@ def test_from_run_without_stage_outputs_is_a_data_error(tmp_path: Path, cache_di
     with pytest.raises(DataError, match="supernet.safetensors"):
         train_recipe(recipe, console=QUIET)
     assert not (tmp_path / "out").exists()
+
+
+def test_max_parameters_keeps_the_searched_table_within_the_budget(full_run) -> None:
+    root, _, result = full_run
+    full = result.metrics["embedding_search"]["full_parameters"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CTRLAB_CACHE_DIR", str(root / "cache"))
+        limited = train_recipe(validate_recipe(synthetic_recipe(
+            root / "limited", {**SEARCH, "stages": ["supernet", "search"], "max_parameters": 0.3})), console=QUIET)
+        with pytest.raises(RecipeError, match=r"embedding.max_parameters 0.001 is below the smallest candidate"):
+            train_recipe(validate_recipe(synthetic_recipe(
+                root / "tiny", {**SEARCH, "stages": ["supernet", "search"], "max_parameters": 0.001})), console=QUIET)
+    search = limited.metrics["embedding_search"]
+    assert search["kept_parameters"] <= 0.3 * full < result.metrics["embedding_parameters"]
+    with (limited.output_dir / "embedding_search" / "search_history.csv").open() as f:
+        history = list(csv.DictReader(f))
+    # every candidate over the budget is scored -inf without evaluation, every one within it gets a real AUC
+    assert any(float(r["valid_auc"]) == -math.inf for r in history)
+    assert all((float(r["valid_auc"]) == -math.inf) == (int(r["kept_parameters"]) > 0.3 * full) for r in history)

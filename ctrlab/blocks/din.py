@@ -89,6 +89,9 @@ class DINConfig(_HistoryConfig):
     attention_reduce: Literal["sum", "mean"] = Field(
         "sum", description="sum: Σ_j a_j·e_j as in the paper (eq. 3); mean: that sum divided by the number of real "
                            "behaviours (not in the paper; the weights are still not softmax-normalised)")
+    attention_output_bias: float = Field(
+        0.0, description="initial output bias of the activation unit: 1 starts every behaviour near weight 1, i.e. "
+                         "from plain pooling, and learns the candidate-dependent deviations")
 
 
 def _locate(config: _HistoryConfig, shape: BlockInput) -> tuple[list[int], list[int]]:
@@ -140,7 +143,8 @@ class HistoryMLPBlock(InteractionBlock):
         if self.attention_pooling:
             assert isinstance(config, DINConfig)
             self.attention = AttentionPooling(len(self.histories) * shape.dim, config.attention_hidden,
-                                              config.attention_activation, config.attention_reduce)
+                                              config.attention_activation, config.attention_reduce,
+                                              config.attention_output_bias)
         self.mlp = deep_mlp(shape.num_fields * shape.dim, config.mlp, out_dim=1, activation=config.mlp_activation)
 
     def behaviours(self, embedded: EmbeddingOutput) -> tuple[torch.Tensor, torch.Tensor]:

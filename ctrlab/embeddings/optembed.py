@@ -55,6 +55,10 @@ class OptEmbedConfig(SearchableEmbeddingConfig):
     mutation_prob: float = Field(0.1, gt=0, le=1, description="chance that a mutation redraws a field's dimension")
     parents: int = Field(15, ge=1, description="mutations and crossovers draw their parents from this many best "
                                                "candidates of the generation")
+    max_parameters: float | None = Field(None, gt=0, le=1, description="search only candidates storing at most "
+                                                                       "this fraction of the full table's parameters "
+                                                                       "(after row pruning); default: no limit, as in "
+                                                                       "the paper")
     search_rows: int | None = Field(None, ge=1000, description="score each candidate on a seeded sample of this "
                                                                "many validation rows (default: all of them)")
 

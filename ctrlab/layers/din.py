@@ -72,11 +72,19 @@ class LocalActivationUnit(nn.Module):
     The weights are NOT softmax-normalised (DIN keeps the intensity of the user's interest). Only real (unmasked)
     behaviours go through the network, so padded positions get weight exactly 0 and never influence the result,
     not even through Dice's batch statistics.
+
+    ``output_bias`` initialises the network's output bias (the paper does not say): with 1 every real behaviour
+    starts near weight 1, so training starts from plain (sum or mean) pooling and learns the candidate-dependent
+    deviations from it, instead of starting from a near-zero interest vector whose embeddings get no gradient.
     """
 
-    def __init__(self, dim: int, hidden: list[int], activation: Literal["dice", "prelu"] = "dice") -> None:
+    def __init__(self, dim: int, hidden: list[int], activation: Literal["dice", "prelu"] = "dice",
+                 output_bias: float = 0.0) -> None:
         super().__init__()
         self.net = deep_mlp(4 * dim, MLPConfig(hidden=list(hidden)), out_dim=1, activation=activation)
+        output = self.net[-1]
+        assert isinstance(output, nn.Linear)
+        nn.init.constant_(output.bias, output_bias)
 
     def forward(self, behaviours: torch.Tensor, candidate: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``behaviours [B, L, D]``, ``candidate [B, D]``, ``mask [B, L]`` (True = real) -> weights ``[B, L]``."""
@@ -103,9 +111,9 @@ class AttentionPooling(nn.Module):
     """
 
     def __init__(self, dim: int, hidden: list[int], activation: Literal["dice", "prelu"] = "dice",
-                 reduce: Literal["sum", "mean"] = "sum") -> None:
+                 reduce: Literal["sum", "mean"] = "sum", output_bias: float = 0.0) -> None:
         super().__init__()
-        self.unit = LocalActivationUnit(dim, hidden, activation)
+        self.unit = LocalActivationUnit(dim, hidden, activation, output_bias)
         self.reduce = reduce
 
     def forward(self, behaviours: torch.Tensor, candidate: torch.Tensor, mask: torch.Tensor,

@@ -28,6 +28,7 @@ import torch
 
 from ctrlab.config.train import TrainConfig
 from ctrlab.embeddings.mixed_dim import EmbeddingArchitecture
+from ctrlab.errors import RecipeError
 from ctrlab.embeddings.optembed import OptEmbedConfig, OptEmbedSupernet
 from ctrlab.models.ctr_model import CTRModel
 from ctrlab.search.embedding_search import (
@@ -126,13 +127,16 @@ class EvolutionResult:
 def evolutionary_search(evaluate: Callable[[tuple[int, ...]], float], num_units: int, max_dim: int,
                         cost: Callable[[tuple[int, ...]], int], *, generations: int, keep: int, mutation: int,
                         crossover: int, parents: int, mutation_prob: float, seed: int,
+                        feasible: Callable[[tuple[int, ...]], bool] | None = None,
                         on_candidate: Callable[[], None] | None = None,
                         on_generation: Callable[[int, EvolutionResult, list[float]], None] | None = None,
                         ) -> EvolutionResult:
     """Evolve per-unit dimensions in ``1..max_dim`` to maximise ``evaluate`` (Lyu et al. 2022, Section 3.3,
     evolutionary search; after the one-shot NAS search of Guo et al. 2020).
 
-    The first generation is ``keep + mutation + crossover`` random candidates. Every generation is scored and
+    The first generation is ``keep + mutation + crossover`` random candidates (each redrawn, up to 1,000 times,
+    until ``feasible`` accepts it, when given; later generations may hold infeasible candidates, which ``evaluate``
+    is expected to score ``-inf``). Every generation is scored and
     ranked (higher score first; ties: lower ``cost``, then earlier candidate); the next one holds the best ``keep``
     unchanged, ``mutation`` mutants (each unit's dimension redrawn with probability ``mutation_prob``) and
     ``crossover`` children (each unit from one of two distinct parents, with equal chance), their parents drawn
@@ -144,7 +148,7 @@ def evolutionary_search(evaluate: Callable[[tuple[int, ...]], float], num_units:
     size = keep + mutation + crossover
     if size < 1 or num_units < 1:
         raise ValueError("the search needs at least one candidate and one unit")
-    population = [tuple(int(d) for d in rng.integers(1, max_dim + 1, size=num_units)) for _ in range(size)]
+    population = [_draw(rng, num_units, max_dim, feasible) for _ in range(size)]
     cache: dict[tuple[int, ...], float] = {}
     result = EvolutionResult(best=population[0], best_score=-math.inf, best_cost=0)
     for generation in range(generations):
@@ -186,6 +190,15 @@ def evolutionary_search(evaluate: Callable[[tuple[int, ...]], float], num_units:
     return result
 
 
+def _draw(rng: np.random.Generator, num_units: int, max_dim: int,
+          feasible: Callable[[tuple[int, ...]], bool] | None) -> tuple[int, ...]:
+    for _ in range(1000):
+        candidate = tuple(int(d) for d in rng.integers(1, max_dim + 1, size=num_units))
+        if feasible is None or feasible(candidate):
+            break
+    return candidate
+
+
 def _finite(value: float) -> float:
     return value if not math.isnan(value) else -math.inf
 
@@ -215,7 +228,19 @@ def search_dims(context: SearchContext, model: CTRModel, rows: dict[str, torch.T
                 f"mutation {config.mutation}, crossover {config.crossover}, parents {config.parents}, "
                 f"mutation probability {config.mutation_prob:g})")
 
+    full_cost = sum(units.rows) * context.dim
+    allowed = None if config.max_parameters is None else math.floor(config.max_parameters * full_cost + 1e-9)
+    if allowed is not None:
+        context.say(f"candidates limited to {allowed:,} of {full_cost:,} parameters "
+                    f"(max_parameters {config.max_parameters:g})")
+        if candidate_cost([1] * len(units), kept_rows) > allowed:
+            raise RecipeError(f"embedding.max_parameters {config.max_parameters:g} is below the smallest candidate "
+                              f"(one dimension per field: {candidate_cost([1] * len(units), kept_rows):,} of "
+                              f"{full_cost:,} parameters)")
+
     def evaluate(dims: tuple[int, ...]) -> float:
+        if allowed is not None and candidate_cost(dims, kept_rows) > allowed:
+            return -math.inf  # over the budget: never chosen, and not worth scoring
         supernet.use_dims(dims)
         try:
             return valid_auc(model, valid, train.eval_batch_size, context.device, train.precision)
@@ -230,7 +255,7 @@ def search_dims(context: SearchContext, model: CTRModel, rows: dict[str, torch.T
             progress.advance(task)
 
     def report(generation: int, result: EvolutionResult, scores: list[float]) -> None:
-        finite = [s for s in scores if not math.isnan(s)]
+        finite = [s for s in scores if math.isfinite(s)]
         mean = sum(finite) / len(finite) if finite else math.nan
         context.console.print(
             f"generation {generation + 1:3d}/{config.generations}  best auc {max(finite, default=math.nan):.5f}  "
@@ -247,7 +272,8 @@ def search_dims(context: SearchContext, model: CTRModel, rows: dict[str, torch.T
             evaluate, len(units), context.dim, lambda d: candidate_cost(d, kept_rows),
             generations=config.generations, keep=config.keep, mutation=config.mutation,
             crossover=config.crossover, parents=config.parents, mutation_prob=config.mutation_prob,
-            seed=context.recipe.seed, on_candidate=advance, on_generation=report)
+            seed=context.recipe.seed, on_candidate=advance, on_generation=report,
+            feasible=None if allowed is None else (lambda d: candidate_cost(d, kept_rows) <= allowed))
     finally:
         if progress is not None:
             progress.stop()
