@@ -145,9 +145,8 @@ def test_output_bias_one_starts_the_attention_from_plain_pooling() -> None:
     torch.testing.assert_close(weights, mask.float())  # weight 1 on every real behaviour, 0 on padding
     torch.testing.assert_close(pooled[0], behaviours[0, :2].mean(dim=0))  # = the mean-pooling baseline
     torch.testing.assert_close(pooled[1], behaviours[1].mean(dim=0))
-    block = BLOCKS.get("din")
-    config = block.config(candidate="item", history="hist", attention_output_bias=1.0)
-    assert config.attention_output_bias == 1.0
+    din = _model("din", attention_output_bias=1.0)  # the block passes the recipe key to its activation unit
+    assert torch.all(din.block.attention.unit.net[-1].bias == 1.0)
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -28,8 +28,8 @@ import torch
 
 from ctrlab.config.train import TrainConfig
 from ctrlab.embeddings.mixed_dim import EmbeddingArchitecture
-from ctrlab.errors import RecipeError
 from ctrlab.embeddings.optembed import OptEmbedConfig, OptEmbedSupernet
+from ctrlab.errors import RecipeError
 from ctrlab.models.ctr_model import CTRModel
 from ctrlab.search.embedding_search import (
     DIMS_FILE,
@@ -228,18 +228,19 @@ def search_dims(context: SearchContext, model: CTRModel, rows: dict[str, torch.T
                 f"mutation {config.mutation}, crossover {config.crossover}, parents {config.parents}, "
                 f"mutation probability {config.mutation_prob:g})")
 
-    full_cost = sum(units.rows) * context.dim
+    full_cost = EmbeddingArchitecture.full_parameters(units, context.dim)
     allowed = None if config.max_parameters is None else math.floor(config.max_parameters * full_cost + 1e-9)
+    within_budget = None if allowed is None else (lambda d: candidate_cost(d, kept_rows) <= allowed)
     if allowed is not None:
         context.say(f"candidates limited to {allowed:,} of {full_cost:,} parameters "
                     f"(max_parameters {config.max_parameters:g})")
-        if candidate_cost([1] * len(units), kept_rows) > allowed:
+        smallest = candidate_cost([1] * len(units), kept_rows)
+        if smallest > allowed:
             raise RecipeError(f"embedding.max_parameters {config.max_parameters:g} is below the smallest candidate "
-                              f"(one dimension per field: {candidate_cost([1] * len(units), kept_rows):,} of "
-                              f"{full_cost:,} parameters)")
+                              f"(one dimension per field: {smallest:,} of {full_cost:,} parameters)")
 
     def evaluate(dims: tuple[int, ...]) -> float:
-        if allowed is not None and candidate_cost(dims, kept_rows) > allowed:
+        if within_budget is not None and not within_budget(dims):
             return -math.inf  # over the budget: never chosen, and not worth scoring
         supernet.use_dims(dims)
         try:
@@ -273,7 +274,7 @@ def search_dims(context: SearchContext, model: CTRModel, rows: dict[str, torch.T
             generations=config.generations, keep=config.keep, mutation=config.mutation,
             crossover=config.crossover, parents=config.parents, mutation_prob=config.mutation_prob,
             seed=context.recipe.seed, on_candidate=advance, on_generation=report,
-            feasible=None if allowed is None else (lambda d: candidate_cost(d, kept_rows) <= allowed))
+            feasible=within_budget)
     finally:
         if progress is not None:
             progress.stop()
