@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import os
 import statistics
@@ -46,6 +47,7 @@ from ctrlab.data.pipeline import prepare_data
 from ctrlab.models import build_model
 from ctrlab.train.run import seed_everything, train_recipe
 from ctrlab.train.trainer import Trainer
+from ctrlab.utils.io import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 # BARS frappe_x1 test AUC of each model (FGCNN has no x1 figure there: held to DeepFM's).
@@ -82,23 +84,42 @@ def _recipe(suite: str, block: str, seed: int, out: Path, synthetic_rows: int) -
     return data
 
 
-def train_suite(suite: str, block: str, seeds: list[int], args: argparse.Namespace, console: Console) -> dict:
-    """Train ``block`` on ``suite`` once per seed; the mean, spread and per-seed figures."""
-    runs = []
+def _settings_key(recipe: dict[str, Any]) -> str:
+    """A digest of what decides a run's result except its seed and paths: runs with equal keys can be averaged."""
+    kept = {k: v for k, v in recipe.items() if k not in ("name", "seed", "output_dir")}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _saved_runs(result_file: Path, settings: str) -> list[dict]:
+    """The runs already saved for this (suite, block) with the same settings (other seeds are kept on re-runs)."""
+    if not result_file.exists():
+        return []
+    return [r for r in json.loads(result_file.read_text())["runs"] if r.get("settings") == settings]
+
+
+def train_suite(suite: str, block: str, seeds: list[int], args: argparse.Namespace, console: Console) -> None:
+    """Train ``block`` on ``suite`` once per seed, saving the result file after every seed: runs of earlier
+    invocations with the same settings but other seeds stay in it, so the seeds of a slow block can be trained in
+    separate processes or sessions (``--seed-start``) and averaged together."""
+    result_file = args.results / f"{suite}_{block}.json"
     for seed in seeds:
-        recipe = validate_recipe(_recipe(suite, block, seed, args.out, args.synthetic_rows))
+        raw = _recipe(suite, block, seed, args.out, args.synthetic_rows)
+        settings = _settings_key(raw)
+        recipe = validate_recipe(raw)
         started = time.perf_counter()
         result = train_recipe(recipe, data_dir=args.data_dir, console=Console(quiet=True))
         test = result.metrics["test"]
-        runs.append({"seed": seed, "auc": test["auc"], "logloss": test["logloss"], "gauc": test.get("gauc"),
-                     "bayes_optimal_auc": result.metrics.get("bayes_optimal_test_auc"),
-                     "epochs": len(result.fit.history), "best_epoch": result.fit.best_epoch,
-                     "seconds": round(time.perf_counter() - started, 1)})
+        run = {"seed": seed, "auc": test["auc"], "logloss": test["logloss"], "gauc": test.get("gauc"),
+               "bayes_optimal_auc": result.metrics.get("bayes_optimal_test_auc"),
+               "epochs": len(result.fit.history), "best_epoch": result.fit.best_epoch,
+               "seconds": round(time.perf_counter() - started, 1), "settings": settings,
+               "date": str(dt.date.today()), "threads": torch.get_num_threads()}
+        runs = sorted([r for r in _saved_runs(result_file, settings) if r["seed"] != seed] + [run],
+                      key=lambda r: r["seed"])
+        write_json_atomic(result_file, {"suite": suite, "block": block, "runs": runs, "torch": torch.__version__})
         gauc = "" if test.get("gauc") is None else f" gauc {test['gauc']:.5f}"
         console.print(f"{suite} {block} seed {seed}: test auc {test['auc']:.5f} logloss {test['logloss']:.5f}{gauc} "
-                      f"({runs[-1]['epochs']} epochs, {runs[-1]['seconds']:.0f} s)")
-    return {"suite": suite, "block": block, "runs": runs, "date": str(dt.date.today()),
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
+                      f"({run['epochs']} epochs, {run['seconds']:.0f} s; {len(runs)} seed(s) saved)")
 
 
 def measure_throughput(block: str, steps: int, data_dir: str | None) -> float:
@@ -161,6 +182,7 @@ def main() -> None:
     parser.add_argument("--suites", nargs="+", default=list(SUITES), choices=SUITES)
     parser.add_argument("--blocks", nargs="+", help="default: every block of the suite")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seed-start", type=int, default=2021, help="first seed (e.g. 2022 with --seeds 1)")
     parser.add_argument("--synthetic-rows", type=int, default=300_000)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--throughput", action="store_true", help="time every Frappe block's training step")
@@ -175,14 +197,13 @@ def main() -> None:
     console = Console(stderr=True)
     args.results.mkdir(parents=True, exist_ok=True)
     if not args.report:
-        seeds = list(range(2021, 2021 + args.seeds))
+        seeds = list(range(args.seed_start, args.seed_start + args.seeds))
         for suite in args.suites:
             for block in args.blocks or (SEQUENCE_BLOCKS if suite == "ml1m" else FRAPPE_BLOCKS):
                 if not _recipe_file(suite, block).exists():
                     console.print(f"skip {suite} {block}: {_recipe_file(suite, block).name} not found")
                     continue
-                result = train_suite(suite, block, seeds, args, console)
-                (args.results / f"{suite}_{block}.json").write_text(json.dumps(result, indent=2))
+                train_suite(suite, block, seeds, args, console)
     if args.throughput:
         speeds = {}
         for block in args.blocks or FRAPPE_BLOCKS:
