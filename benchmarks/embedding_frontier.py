@@ -10,7 +10,8 @@ default attention size, see ``ATTENTION_SIZE``); only ``embedding`` changes:
 * ``multiplexed_1/4``, ``multiplexed_1/16``: ``multiplexed`` with the same parameter budgets, ``dim / 2``-wide
   chunks (two probes per value);
 * ``optembed``: supernet + evolutionary search + retrain (``--optembed`` settings below);
-* ``dnis``: bi-level search, pruned to ``--dnis-budget`` of the full parameters, retrain.
+* ``dnis``: bi-level search over ``--dnis-blocks`` frequency blocks per table, pruned to ``--dnis-budget`` of the
+  full parameters, retrain.
 
 Each run's result is saved to ``--results`` as JSON when it finishes, and the table and plot are made from every saved
 result, so the grid can be filled over several invocations (``--only``) and reported with ``--report``:
@@ -89,7 +90,8 @@ def embedding_variant(variant: str, base: dict[str, Any], args: argparse.Namespa
                 "generations": args.optembed_generations, "search_rows": args.search_rows,
                 "max_parameters": args.optembed_max_parameters}
     if kind == "dnis":
-        return {"kind": "dnis", **common, "search_epochs": args.search_epochs, "budget": args.dnis_budget}
+        return {"kind": "dnis", **common, "search_epochs": args.search_epochs, "budget": args.dnis_budget,
+                "blocks": args.dnis_blocks}
     raise ValueError(f"unknown variant {variant}")
 
 
@@ -194,6 +196,7 @@ def main() -> None:
     parser.add_argument("--optembed-max-parameters", type=float, help="OptEmbed: search only candidates storing "
                         "at most this fraction of the full parameters (default: no limit, as in the paper)")
     parser.add_argument("--dnis-budget", type=float, default=0.4)
+    parser.add_argument("--dnis-blocks", type=int, default=1, help="frequency blocks per table (DNIS)")
     parser.add_argument("--device", help="train.device for every run (default: the recipe's)")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--skip-existing", action="store_true", help="keep saved results instead of re-running")

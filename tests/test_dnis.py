@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -18,7 +19,7 @@ from ctrlab.blocks import BLOCKS
 from ctrlab.config.loader import validate_recipe
 from ctrlab.config.train import OptimizerConfig, TrainConfig
 from ctrlab.embeddings import EMBEDDINGS
-from ctrlab.embeddings.dnis import DNISSearchEmbedding
+from ctrlab.embeddings.dnis import DNISSearchEmbedding, FrequencyBlocks, training_row_counts
 from ctrlab.embeddings.mixed_dim import EmbeddingArchitecture, EmbeddingUnits
 from ctrlab.errors import RecipeError
 from ctrlab.models import build_model
@@ -187,6 +188,55 @@ def test_without_retraining_the_final_model_is_the_searched_network_with_alpha_f
     assert torch.equal(final.eval()(batch), expected)
 
 
+def test_frequency_blocks_cut_each_table_by_training_counts_by_hand() -> None:
+    units = EmbeddingUnits.from_layout(LAYOUT)  # item 9 rows, user 5 rows, x numeric
+    batch = tiny_batch(16, seed=2)
+    counts = training_row_counts(LAYOUT, batch)
+    # item rows are counted from the item field and from the histories' real items, user rows from the user field
+    item = torch.bincount(torch.cat([batch.categorical[:, 0], batch.sequences["hist"][batch.sequences["hist"] > 0]]),
+                          minlength=9)
+    user = torch.bincount(batch.categorical[:, 1], minlength=5)
+    assert torch.equal(counts[:9], item) and torch.equal(counts[9:14], user)
+    by_hand = torch.tensor([5, 0, 3, 9, 1, 2, 2, 7, 4,   0, 6, 6, 1, 3,   0])
+    blocks = FrequencyBlocks.from_counts(units, by_hand, 3)
+    # item sorted by count: rows 3, 7, 0 | 8, 2, 5 | 6, 4, 1 (ties keep row order: 5 before 6)
+    assert blocks.unit_blocks(units, 0).tolist() == [0, 2, 1, 0, 2, 1, 2, 0, 1]
+    # user (5 rows, 3 blocks of sizes 2, 2, 1): rows 1, 2 | 4, 3 | 0
+    assert blocks.unit_blocks(units, 1).tolist() == [2, 0, 0, 1, 1]
+    assert blocks.block_unit == (0, 0, 0, 1, 1, 1, 2) and blocks.rows_per_block == [3, 3, 3, 2, 2, 1, 1]
+    assert blocks.names(units) == ["item#0", "item#1", "item#2", "user#0", "user#1", "user#2", "x"]
+    assert FrequencyBlocks.from_counts(units, by_hand, 1).row_block.tolist() == \
+        FrequencyBlocks.one_per_unit(units).row_block.tolist()
+
+
+def test_blocks_get_their_own_significance_and_budgeted_dims() -> None:
+    units = EmbeddingUnits.from_layout(LAYOUT)
+    blocks = FrequencyBlocks.from_counts(units, torch.tensor([5, 0, 3, 9, 1, 2, 2, 7, 4, 0, 6, 6, 1, 3, 0]), 3)
+    seed_everything(0)
+    config = BLOCKS.get("deepfm").config(mlp={"hidden": [8]}, linear=True)
+    model = build_model(_config(), config, LAYOUT, lambda c, layout: DNISSearchEmbedding(c, layout, blocks=blocks))
+    embedding = model.embedding
+    assert embedding.alpha.shape == (7, D)
+    with torch.no_grad():
+        embedding.alpha.copy_(torch.arange(7 * D, dtype=torch.float).view(7, D))
+    batch = tiny_batch()
+    raw = F.embedding(batch.categorical[:, 0], embedding.weight)
+    weights = embedding.alpha[blocks.row_block[batch.categorical[:, 0]]]
+    torch.testing.assert_close(embedding(batch).fields[:, 0], raw * weights)
+    # significance by hand: the frequent item block and the users matter, the rare item blocks less
+    significance = torch.tensor([[4.0, 3.0, 2.0, 1.0], [0.5, 0.4, 0.3, 0.2], [0.1, 0.2, 0.05, 0.01],
+                                 [3.0, 3.0, 0.1, 0.1], [2.5, 0.1, 0.1, 0.1], [0.2, 0.1, 0.1, 0.1],
+                                 [9.0, 9.0, 9.0, 9.0]])
+    architecture = architecture_from_significance(significance, units, _config(budget=0.5), blocks)
+    # budget floor(0.5 * 15 rows * 4) = 30 floats, pairs taken by |alpha| (a block costs its rows):
+    # x 9.0 x4 (1 each), item#0 4.0, 3.0, user#0 3.0, 3.0, user#1 2.5, item#0 2.0, 1.0 -> 22; item#1 0.5, 0.4 -> 28;
+    # item#1 0.3 (3) does not fit, user#2 0.2 (1) -> 29, then only user#2's first 0.1 (1) fits -> 30
+    assert architecture.block_dims == {"item": [4, 2, 0], "user": [2, 1, 2]} and architecture.dims == {"x": 4}
+    assert architecture.block_order["item"] == [[0, 1, 2, 3], [0, 1], []]
+    assert architecture.block_order["user"] == [[0, 1], [0], [0, 1]]
+    assert architecture.kept_parameters(units) == 3 * 4 + 3 * 2 + 2 * 2 + 2 * 1 + 1 * 2 + 4 == 30
+
+
 def test_threshold_and_budget_are_alternatives() -> None:
     base = {"name": "v", "dataset": {"synthetic": {"rows": 100}}, "model": {"block": "deepfm"}}
     assert validate_recipe({**base, "embedding": {"kind": "dnis"}}).embedding.budget == 0.5
@@ -243,3 +293,32 @@ def test_retrain_from_an_earlier_search_reprunes_and_reproduces(dnis_run) -> Non
     assert np.array_equal(saved, again)
     assert smaller.metrics["embedding_parameters"] <= 0.1 * result.metrics["embedding_search"]["full_parameters"]
     assert smaller.metrics["test"]["auc"] > 0.6
+
+
+def test_a_run_with_frequency_blocks_stores_rows_at_their_blocks_widths(tmp_path: Path, cache_dir: Path) -> None:
+    search = {**SEARCH, "blocks": 3}
+    recipe = validate_recipe(synthetic_recipe(tmp_path / "blocks", search))
+    result = train_recipe(recipe, console=QUIET)
+    metrics = json.loads((result.output_dir / "metrics.json").read_text())
+    found = metrics["embedding_search"]
+    assert metrics["test"]["auc"] > 0.65
+    assert metrics["embedding_parameters"] == found["kept_parameters"] <= 0.4 * found["full_parameters"]
+    out = result.output_dir / "embedding_search"
+    assert sorted(p.name for p in out.iterdir()) == ["dims.json", "row_blocks.safetensors",
+                                                     "search_model.safetensors", "significance.csv"]
+    saved = json.loads((out / "dims.json").read_text())
+    # every table of 3+ values is cut into 3 blocks, each with its own kept dims; numeric fields stay one block
+    assert sorted(saved["block_dims"]) == ["C1", "C2", "C3", "C4", "C5", "C6", "I2"]
+    with (out / "significance.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["unit"] for r in rows} >= {"C6#0", "C6#1", "C6#2", "I1"}
+    kept = {u: sum(int(r["kept"]) for r in rows if r["unit"] == u) for u in {r["unit"] for r in rows}}
+    assert [kept[f"C6#{b}"] for b in range(3)] == saved["block_dims"]["C6"]
+    assert embedding_floats(result.output_dir / "model.safetensors") == metrics["embedding_parameters"]
+    reload_matches_saved_predictions(result.output_dir, recipe)
+    # a retrain from this search recomputes the same blocks from the training data and reproduces the run
+    again = train_recipe(validate_recipe(synthetic_recipe(
+        tmp_path / "again", {**search, "stages": ["retrain"], "from_run": str(result.output_dir)})), console=QUIET)
+    first = pl.read_parquet(result.output_dir / "test_predictions.parquet")["probability"].to_numpy()
+    second = pl.read_parquet(again.output_dir / "test_predictions.parquet")["probability"].to_numpy()
+    assert np.array_equal(first, second)

@@ -169,6 +169,58 @@ def test_pruned_state_dict_holds_fewer_floats_and_reloads_into_a_full_module(tmp
     assert [id(p) for p in fresh.parameters()] == before
 
 
+def _blocked_architecture() -> EmbeddingArchitecture:
+    # item rows in three blocks: rows 1, 2, 5 keep dims [3, 1, 0]; rows 0, 4, 7, 8 keep [1]; rows 3, 6 nothing
+    block = torch.tensor([1, 0, 0, 2, 1, 0, 2, 1, 1])
+    return EmbeddingArchitecture(D, {"user": 2}, {}, {}, {"item": block}, {"item": [3, 1, 0]},
+                                 {"item": [[3, 1, 0], [1], []]})
+
+
+def test_blocks_give_rows_of_one_table_their_own_widths_and_orders(tmp_path: Path) -> None:
+    table = _table()
+    full = table.dense_table()
+    table.prune(_blocked_architecture())
+    # item: 3 rows x 3 + 4 rows x 1; user 5 x 2; x 1 x 4
+    assert table.parameter_count() == 3 * 3 + 4 * 1 + 5 * 2 + 4 == _blocked_architecture().kept_parameters(
+        EmbeddingUnits.from_layout(LAYOUT))
+    assert table.unit_dims == [3, 2, 4]
+    expected = torch.zeros_like(full)
+    for row in (1, 2, 5):
+        expected[row, :3] = full[row, [3, 1, 0]]
+    for row in (0, 4, 7, 8):
+        expected[row, 0] = full[row, 1]
+    units = EmbeddingUnits.from_layout(LAYOUT)
+    user, x = units.offsets[1], units.offsets[2]
+    expected[user:user + 5, :2] = full[user:user + 5, :2]
+    expected[x] = full[x]
+    torch.testing.assert_close(table.dense_table(), expected)
+    batch = tiny_batch(32, seed=5)
+    out = table(batch)
+    ids = batch.categorical[:, 0]
+    torch.testing.assert_close(out.fields[:, 0], expected[ids])
+    torch.testing.assert_close(out.fields[:, 1], expected[batch.categorical[:, 1] + user])
+    hist = batch.sequences["hist"]
+    mask = (hist > 0).unsqueeze(-1)
+    pooled = (expected[hist] * mask).sum(1) / mask.sum(1).clamp(min=1)
+    torch.testing.assert_close(out.fields[:, 3], pooled)
+    # the state dict describes the blocks: a full-shape module built from the recipe takes it
+    torch.manual_seed(7)
+    fresh = _table(seed=7)
+    fresh.load_state_dict(table.state_dict())
+    assert torch.equal(fresh(batch).fields, out.fields) and fresh.parameter_count() == table.parameter_count()
+    again = fresh.architecture()
+    assert again.block_dims == {"item": [3, 1]} and again.kept_parameters(units) == table.parameter_count()
+    # gradients reach exactly the stored rows the batch looks up, at their own width
+    out.fields.sum().backward()
+    grads = {w: p.grad for w, p in table.group_weights().items()}
+    looked_up = set(ids.tolist()) | set(hist[hist > 0].tolist())
+    wide = [r for r in (1, 2, 5)]
+    for position, row in enumerate(wide):
+        assert bool(grads[3][position].abs().sum() > 0) == (row in looked_up)
+    rows = torch.unique(table.row_ids(batch))
+    torch.testing.assert_close(table.lazy_l2(batch), 0.5 * sum(expected[r].pow(2).sum() for r in rows.tolist()))
+
+
 def test_weights_for_other_features_are_refused_with_a_message() -> None:
     table = _table()
     other = FeatureLayout(tuple(replace(f, vocab_size=7) if f.name == "user" else f for f in LAYOUT.fields))

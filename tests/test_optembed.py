@@ -69,7 +69,7 @@ def test_row_mask_gradient_reaches_threshold_and_row_through_the_surrogate() -> 
         supernet.thresholds.copy_(torch.tensor([5.0, 0.1]))  # item, user
     supernet.eval()
     vectors = supernet.weight[units.offsets[1] + 2].view(1, 1, D)
-    out = supernet.select(vectors, torch.tensor([1]))
+    out = supernet.select(vectors, torch.tensor([1]), torch.tensor([[units.offsets[1] + 2]]))
     torch.testing.assert_close(out, vectors)  # 0.3 - 0.1 = 0.2 > 0: kept
     out.sum().backward()
     # d out.sum() / d t = -S'(0.2) · Σe = -(2 - 0.8) · 0.1

@@ -8,15 +8,17 @@ table); the search stage trains :class:`DNISSearchEmbedding`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.layout import FeatureLayout
 from ctrlab.embeddings import EMBEDDINGS
-from ctrlab.embeddings.mixed_dim import MixedDimEmbedding
+from ctrlab.embeddings.mixed_dim import EmbeddingUnits, MixedDimEmbedding
 from ctrlab.embeddings.searchable import FullTableSearchEmbedding, SearchableEmbeddingConfig
 
 DNISStage = Literal["search", "retrain"]
@@ -29,6 +31,11 @@ class DNISConfig(SearchableEmbeddingConfig):
     training step on the weights with a validation step on ``α``); the dimensions of each field are then ranked by
     ``|α|`` and pruned by a relative ``threshold`` or a parameter ``budget``; ``retrain`` trains a fresh model
     (same seed, same initial values) whose table keeps only those dimensions, with the recipe's ``train`` settings.
+
+    ``blocks`` splits every vocabulary table into that many frequency blocks (Section 3.1: the values of a field
+    sorted by their training frequency and cut into blocks of equal size, most frequent first), each with its own
+    significance weights and so its own kept dimensions: rare values can keep fewer dimensions than frequent ones.
+    With 1 (the default) a table is one block and every value of a field keeps the same dimensions.
 
     Set one of ``threshold`` and ``budget``; with neither, ``budget`` is 0.5.
     """
@@ -43,6 +50,8 @@ class DNISConfig(SearchableEmbeddingConfig):
     arch_lr: float = Field(1e-3, gt=0, description="Adam learning rate of the significance weights alpha, "
                                                    "stepped on a validation batch after every training step")
     alpha_init: float = Field(1.0, description="initial value of every significance weight")
+    blocks: int = Field(1, ge=1, description="frequency blocks per vocabulary table, each with its own "
+                                             "significance weights and kept dimensions (1: one per table)")
     threshold: float | None = Field(None, gt=0, le=1, description="keep the (field, dimension) units whose |alpha| "
                                                                   "is at least this fraction of the largest |alpha|")
     budget: float | None = Field(None, gt=0, le=1, description="fraction of the full table's parameters to keep: "
@@ -64,32 +73,106 @@ class DNISConfig(SearchableEmbeddingConfig):
         return self
 
 
+def training_row_counts(layout: FeatureLayout, batch: FeatureBatch) -> torch.Tensor:
+    """How often every row of the full table (units laid out as :class:`EmbeddingUnits` does) is looked up in
+    ``batch``: categorical ids and non-padding sequence ids; numeric units count 0. Long ``[Σ rows]``."""
+    units = EmbeddingUnits.from_layout(layout)
+    offsets = units.offsets
+    ids = []
+    if layout.categorical:
+        flat = torch.tensor([offsets[u] for u in units.flat_units[:len(layout.categorical)]], dtype=torch.long)
+        ids.append((batch.categorical.cpu().long() + flat).reshape(-1))
+    for spec, unit in zip(layout.sequence, units.sequence_units):
+        seq = batch.sequences[spec.name].cpu().long()
+        ids.append((seq + offsets[unit])[seq > 0])
+    rows = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long)
+    return torch.bincount(rows, minlength=units.total_rows)
+
+
+@dataclass(frozen=True)
+class FrequencyBlocks:
+    """DNIS's feature blocks (Cheng et al. 2020, Section 3.1): every unit's rows split into blocks; blocks are
+    numbered globally, unit by unit. ``row_block``: the block of every row of the full table (long ``[Σ rows]``);
+    ``block_unit``: the unit of every block."""
+
+    row_block: torch.Tensor
+    block_unit: tuple[int, ...]
+
+    @classmethod
+    def one_per_unit(cls, units: EmbeddingUnits) -> "FrequencyBlocks":
+        rows = torch.tensor(units.rows, dtype=torch.long)
+        return cls(torch.repeat_interleave(torch.arange(len(units)), rows), tuple(range(len(units))))
+
+    @classmethod
+    def from_counts(cls, units: EmbeddingUnits, counts: torch.Tensor, blocks: int) -> "FrequencyBlocks":
+        """Each vocabulary table's rows sorted by ``counts`` (descending; ties by row) and cut into ``blocks``
+        blocks of equal size (sizes differ by at most one; a table with fewer rows gets one block per row);
+        numeric units are one block each."""
+        row_block = torch.empty(units.total_rows, dtype=torch.long)
+        block_unit: list[int] = []
+        for u, (start, rows) in enumerate(zip(units.offsets, units.rows)):
+            k = min(blocks, rows) if units.is_table(u) else 1
+            unit_counts = counts[start:start + rows]
+            # stable sort of -count: equal counts keep row order
+            order = torch.sort(-unit_counts, stable=True).indices
+            local = torch.empty(rows, dtype=torch.long)
+            local[order] = torch.arange(rows) * k // rows
+            row_block[start:start + rows] = local + len(block_unit)
+            block_unit += [u] * k
+        return cls(row_block, tuple(block_unit))
+
+    def __len__(self) -> int:
+        return len(self.block_unit)
+
+    @property
+    def rows_per_block(self) -> list[int]:
+        return torch.bincount(self.row_block, minlength=len(self)).tolist()
+
+    def names(self, units: EmbeddingUnits) -> list[str]:
+        """``<unit>`` for a unit of one block, else ``<unit>#<b>`` (b = 0: its most frequent values)."""
+        per_unit = [self.block_unit.count(u) for u in range(len(units))]
+        first = {u: self.block_unit.index(u) for u in set(self.block_unit)}
+        return [units.names[u] if per_unit[u] == 1 else f"{units.names[u]}#{b - first[u]}"
+                for b, u in enumerate(self.block_unit)]
+
+    def unit_blocks(self, units: EmbeddingUnits, unit: int) -> torch.Tensor:
+        """The local block (0 = most frequent) of every row of ``unit``."""
+        start, rows = units.offsets[unit], units.rows[unit]
+        return self.row_block[start:start + rows] - self.block_unit.index(unit)
+
+
 class DNISSearchEmbedding(FullTableSearchEmbedding):
-    """DNIS's soft selection layer over the full table (Cheng et al. 2020, Section 3.2): the vector of field
-    (unit) ``f`` is ``ẽ = e ⊙ α_f``, with one learnable significance weight per (unit, dimension), ``α: U × D``.
+    """DNIS's soft selection layer over the full table (Cheng et al. 2020, Section 3.2): the vector of a row in
+    block ``b`` is ``ẽ = e ⊙ α_b``, with one learnable significance weight per (block, dimension), ``α: K × D``
+    (one block per unit unless frequency blocks are given, see :class:`FrequencyBlocks`).
 
     ``α`` is an architecture parameter: the trainer's optimisers leave it out and the search stage steps it on
     validation batches only (Section 3.3, the first-order approximation of the bi-level problem). During the
     weights' step it is excluded from autograd (``requires_grad`` off), so training batches give it no gradient.
     """
 
-    def __init__(self, config: DNISConfig, layout: FeatureLayout, dim: int | None = None) -> None:
+    def __init__(self, config: DNISConfig, layout: FeatureLayout, dim: int | None = None,
+                 blocks: FrequencyBlocks | None = None) -> None:
         super().__init__(config, layout, dim)
-        self.alpha = nn.Parameter(torch.full((len(self.units), self.dim), float(config.alpha_init)))
-        self.register_buffer("unit_rows", torch.tensor(self.units.rows, dtype=torch.long), persistent=False)
+        self.blocks = blocks if blocks is not None else FrequencyBlocks.one_per_unit(self.units)
+        if self.blocks.row_block.shape != (self.units.total_rows,):
+            raise ValueError(f"frequency blocks for {self.blocks.row_block.shape[0]} rows, the table has "
+                             f"{self.units.total_rows}")
+        self.alpha = nn.Parameter(torch.full((len(self.blocks), self.dim), float(config.alpha_init)))
+        self.register_buffer("row_block", self.blocks.row_block.clone(), persistent=False)
 
     def architecture_parameters(self) -> list[nn.Parameter]:
         return [self.alpha]
 
-    def select(self, vectors: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
-        return vectors * self.alpha[units]
+    def select(self, vectors: torch.Tensor, units: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return vectors * self.alpha[self.row_block[rows]]
 
     def effective_table(self) -> torch.Tensor:
-        """``e ⊙ α_f`` for every row: the table the searched network effectively uses."""
-        return (self.weight * self.alpha.repeat_interleave(self.unit_rows, dim=0)).detach()
+        """``e ⊙ α_b`` for every row: the table the searched network effectively uses."""
+        return (self.weight * self.alpha[self.row_block]).detach()
 
     def significance(self) -> torch.Tensor:
-        """``|α|``, ``[units, D]`` (detached, on CPU)."""
+        """``|α|``, ``[blocks, D]`` (detached, on CPU)."""
         return self.alpha.detach().abs().cpu()
 
 

@@ -12,7 +12,8 @@ Terms used here and by the searches:
   holding its vector ``v`` of ``e = x · v``. Units are ordered: tables in :meth:`FeatureLayout.tables` order, then
   numeric fields in layout order.
 * an **architecture** (:class:`EmbeddingArchitecture`) says, per unit, which rows are kept (row pruning) and
-  which dimensions are kept in which order (dimension search).
+  which dimensions are kept in which order (dimension search); a unit may be split into **blocks** of rows (DNIS's
+  frequency blocks), each keeping its own dimensions, so rows of one unit can have different widths.
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ from ctrlab.embeddings.base import EmbeddingConfigBase, EmbeddingOutput, Feature
 WEIGHT_PREFIX = "weight_"
 """Parameters ``weight_<w>``: the stored rows of every unit whose width is ``w``, ``[kept rows, w]``."""
 REMAP_PREFIX = "remap_"
-"""Buffers ``remap_<i>`` (int32, one per unit): vocabulary id -> row of that unit's ``weight_<w>``, -1 if pruned."""
+"""Buffers ``remap_<i>`` (int32, one per unit): vocabulary id -> row of its width's ``weight_<w>``, -1 if pruned."""
+WIDTHS_PREFIX = "widths_"
+"""Buffers ``widths_<i>`` (uint8), only for units whose kept rows have different widths (blocks): every row's
+stored width (0: pruned). A unit without one stores ``dims[i]`` dimensions for every kept row."""
 
 
 def init_table(rows: int, dim: int, std: float) -> torch.Tensor:
@@ -99,12 +103,19 @@ class EmbeddingArchitecture:
     ``dims``: kept dimensions per unit (0 drops the unit; a unit left out keeps all ``dim``). ``rows``: per unit a
     boolean keep-mask over its rows (a unit left out keeps every row). ``order``: per unit, which dimensions of the
     source table are kept, most significant first (a unit left out keeps the first ``dims`` dimensions).
+
+    Blocks (DNIS's frequency blocks, Cheng et al. 2020, Section 3.1): ``blocks`` gives a unit's rows a block index
+    each (long ``[rows]``), ``block_dims`` the kept dimensions of each block and ``block_order`` (optional) their
+    source dimensions; for such a unit they replace ``dims``/``order``, and :meth:`dim_of` is its widest block.
     """
 
     dim: int
     dims: dict[str, int] = field(default_factory=dict)
     rows: dict[str, torch.Tensor] = field(default_factory=dict)
     order: dict[str, list[int]] = field(default_factory=dict)
+    blocks: dict[str, torch.Tensor] = field(default_factory=dict)
+    block_dims: dict[str, list[int]] = field(default_factory=dict)
+    block_order: dict[str, list[list[int]]] = field(default_factory=dict)
 
     def check(self, units: EmbeddingUnits) -> None:
         """Raise ``ValueError`` naming the unit when this architecture does not fit ``units``."""
@@ -119,21 +130,63 @@ class EmbeddingArchitecture:
                                  f"(got {mask.dtype} {tuple(mask.shape)})")
         for name, order in self.order.items():
             units.index(name)
-            d = self.dim_of(name)
-            if len(order) != d or len(set(order)) != d or any(not 0 <= int(k) < self.dim for k in order):
-                raise ValueError(f"embedding unit {name!r}: the dimension order must list {d} distinct "
-                                 f"dimensions in 0..{self.dim - 1} (got {list(order)})")
+            self._check_order(name, order, self.dim_of(name))
+        for name, block in self.blocks.items():
+            rows = units.rows[units.index(name)]
+            dims = self.block_dims.get(name)
+            if dims is None or block.shape != (rows,) or block.dtype != torch.long:
+                raise ValueError(f"embedding unit {name!r}: blocks need a long tensor of {rows} rows and the "
+                                 "block_dims of every block")
+            if rows and not 0 <= int(block.min()) <= int(block.max()) < len(dims):
+                raise ValueError(f"embedding unit {name!r}: block indices must lie in 0..{len(dims) - 1}")
+            if any(not 0 <= int(d) <= self.dim for d in dims):
+                raise ValueError(f"embedding unit {name!r}: block dims {dims} are outside 0..{self.dim}")
+            orders = self.block_order.get(name)
+            if orders is not None:
+                if len(orders) != len(dims):
+                    raise ValueError(f"embedding unit {name!r}: {len(orders)} block orders for {len(dims)} blocks")
+                for order, d in zip(orders, dims):
+                    self._check_order(name, order, int(d))
+        for name in set(self.block_dims) - set(self.blocks):
+            raise ValueError(f"embedding unit {name!r}: block_dims without blocks")
+
+    def _check_order(self, name: str, order: Sequence[int], d: int) -> None:
+        if len(order) != d or len(set(order)) != d or any(not 0 <= int(k) < self.dim for k in order):
+            raise ValueError(f"embedding unit {name!r}: the dimension order must list {d} distinct "
+                             f"dimensions in 0..{self.dim - 1} (got {list(order)})")
 
     def dim_of(self, name: str) -> int:
+        """Kept dimensions of the unit (of its widest block when it has blocks)."""
+        if name in self.blocks:
+            return max((int(d) for d in self.block_dims[name]), default=0)
         return int(self.dims.get(name, self.dim))
+
+    def unit_blocks(self, name: str, rows: int) -> tuple[torch.Tensor, list[int], list[list[int]]]:
+        """The unit as blocks: each row's block (long ``[rows]``), each block's kept dims and source dimensions
+        (a unit without blocks is one block)."""
+        if name in self.blocks:
+            dims = [int(d) for d in self.block_dims[name]]
+            orders = self.block_order.get(name) or [list(range(d)) for d in dims]
+            return self.blocks[name], dims, [list(map(int, o)) for o in orders]
+        d = self.dim_of(name)
+        return torch.zeros(rows, dtype=torch.long), [d], [list(map(int, self.order.get(name, range(d))))]
+
+    def row_widths(self, units: EmbeddingUnits, name: str) -> torch.Tensor:
+        """Kept dimensions of every row of the unit (0 for a pruned row), long ``[rows]``."""
+        rows = units.rows[units.index(name)]
+        block, dims, _ = self.unit_blocks(name, rows)
+        widths = torch.tensor(dims, dtype=torch.long)[block] if dims else torch.zeros(rows, dtype=torch.long)
+        if name in self.rows:
+            widths = widths * self.rows[name].long()
+        return widths
 
     def kept_rows(self, units: EmbeddingUnits) -> dict[str, int]:
         return {name: int(self.rows[name].sum()) if name in self.rows else rows
                 for name, rows in zip(units.names, units.rows)}
 
     def kept_parameters(self, units: EmbeddingUnits) -> int:
-        """Floats a mixed-dimension table with this architecture stores: Σ kept rows × kept dimensions."""
-        return sum(rows * self.dim_of(name) for name, rows in self.kept_rows(units).items())
+        """Floats a mixed-dimension table with this architecture stores: Σ over kept rows of their dimensions."""
+        return sum(int(self.row_widths(units, name).sum()) for name in units.names)
 
     @staticmethod
     def full_parameters(units: EmbeddingUnits, dim: int) -> int:
@@ -153,9 +206,11 @@ class MixedDimEmbedding(FeatureEmbedding):
     gives zero) and mean- or sum-pooled over real items, as in
     :class:`~ctrlab.embeddings.per_field.PerFieldEmbedding`.
 
-    **Storage.** Units are grouped by width: one parameter ``weight_<w>`` of shape ``[kept rows of all units of
-    width w, w]`` per distinct width, and per unit an int32 buffer ``remap_<i>`` mapping its vocabulary ids to rows
-    of its group (-1: pruned). The forward pass does one ``F.embedding`` per width group, not one per field.
+    **Storage.** Rows are grouped by width: one parameter ``weight_<w>`` of shape ``[kept rows of width w, w]``
+    per distinct width, and per unit an int32 buffer ``remap_<i>`` mapping its vocabulary ids to rows of their
+    width's group (-1: pruned). The forward pass does one ``F.embedding`` per width group, not one per field. A
+    unit split into blocks of different widths (DNIS's frequency blocks) also stores ``widths_<i>``, every row's
+    width; fields of such units are looked up row by row (one masked lookup per width) instead of field by field.
 
     **Self-describing state.** ``dims`` and the ``remap_<i>`` buffers are in the state dict, so loading a pruned
     state dict into a module built from the recipe alone (full shapes) re-shapes the parameters first
@@ -180,7 +235,7 @@ class MixedDimEmbedding(FeatureEmbedding):
             self.register_buffer(f"{REMAP_PREFIX}{i}", torch.zeros(rows, dtype=torch.int32))
         self._index_buffers: list[str] = []
         full = init_table(self.units.total_rows, self.dim, config.init_std)
-        self._install([self.dim] * len(self.units), [None] * len(self.units), {self.dim: full})
+        self._install(self._uniform_widths(self.dim), {self.dim: full})
 
     # ---------------------------------------------------------------------------------------- structure
     @property
@@ -191,28 +246,45 @@ class MixedDimEmbedding(FeatureEmbedding):
     def _remap(self, unit: int) -> torch.Tensor:
         return getattr(self, f"{REMAP_PREFIX}{unit}")
 
+    def _uniform_widths(self, width: int) -> list[torch.Tensor]:
+        return [torch.full((rows,), width, dtype=torch.long) for rows in self.units.rows]
+
+    def row_widths(self, unit: int) -> torch.Tensor:
+        """Stored dimensions of every row of ``unit`` (0: pruned), long ``[rows]``."""
+        stored = self._buffers.get(f"{WIDTHS_PREFIX}{unit}")
+        if stored is not None:
+            return stored.long()
+        return torch.where(self._remap(unit) >= 0, self._unit_dims[unit], 0).long()
+
     def group_weights(self) -> dict[int, nn.Parameter]:
         """The stored tables by width."""
         return {int(name[len(WEIGHT_PREFIX):]): p for name, p in self._parameters.items()
                 if name.startswith(WEIGHT_PREFIX) and p is not None}
 
-    def _install(self, dims: Sequence[int], keeps: Sequence[torch.Tensor | None],
-                 values: Mapping[int, torch.Tensor] | None) -> None:
-        """Lay out units with ``dims`` and row keep-masks ``keeps`` (None: all rows), and (re)create the group
-        parameters, filled from ``values`` (width -> ``[kept rows, width]``) or zeros."""
+    def _install(self, widths: Sequence[torch.Tensor], values: Mapping[int, torch.Tensor] | None) -> None:
+        """Lay out units whose rows have ``widths`` (per unit a ``[rows]`` tensor, 0: pruned) and (re)create the
+        group parameters, filled from ``values`` (width -> ``[kept rows of that width, width]``, rows in unit
+        order, then row order) or zeros."""
         device = self.dims.device
         counters: dict[int, int] = {}
-        for i, (d, keep) in enumerate(zip(dims, keeps)):
-            rows = self.units.rows[i]
-            remap = torch.full((rows,), -1, dtype=torch.int32, device=device)
-            if d > 0:
-                kept = torch.ones(rows, dtype=torch.bool, device=device) if keep is None else keep.to(device)
-                n = int(kept.sum())
-                remap[kept] = torch.arange(counters.get(d, 0), counters.get(d, 0) + n, dtype=torch.int32,
-                                           device=device)
-                counters[d] = counters.get(d, 0) + n
+        unit_dims: list[int] = []
+        for name in [n for n in self._buffers if n.startswith(WIDTHS_PREFIX)]:
+            del self._buffers[name]
+        for i, row_width in enumerate(widths):
+            row_width = row_width.to(device=device, dtype=torch.long)
+            remap = torch.full((self.units.rows[i],), -1, dtype=torch.int32, device=device)
+            present = sorted(int(w) for w in torch.unique(row_width[row_width > 0]).tolist())
+            for w in present:
+                selected = row_width == w
+                n = int(selected.sum())
+                remap[selected] = torch.arange(counters.get(w, 0), counters.get(w, 0) + n, dtype=torch.int32,
+                                               device=device)
+                counters[w] = counters.get(w, 0) + n
             setattr(self, f"{REMAP_PREFIX}{i}", remap)
-        self.dims = torch.tensor([int(d) for d in dims], dtype=torch.long, device=device)
+            unit_dims.append(max(present, default=0))
+            if len(present) > 1:
+                self.register_buffer(f"{WIDTHS_PREFIX}{i}", row_width.to(torch.uint8))
+        self.dims = torch.tensor(unit_dims, dtype=torch.long, device=device)
         dtype = next((p.dtype for p in self.group_weights().values()), torch.get_default_dtype())
         for name in [n for n in self._parameters if n.startswith(WEIGHT_PREFIX)]:
             del self._parameters[name]
@@ -242,6 +314,11 @@ class MixedDimEmbedding(FeatureEmbedding):
         remaps = [self._remap(i) for i in range(len(self.units))]
         buffer("global_remap", torch.cat(remaps).long() if remaps else torch.zeros(0, dtype=torch.long))
         self._pruned_widths = {d for d, r in zip(self._unit_dims, remaps) if d > 0 and bool((r < 0).any())}
+        self._blocked_units = {i for i in range(len(self.units)) if f"{WIDTHS_PREFIX}{i}" in self._buffers}
+        if self._blocked_units:
+            buffer("global_widths", torch.cat([self.row_widths(i) for i in range(len(self.units))]).to(torch.uint8))
+        # A field of a blocked unit has rows of several widths: the flat fields are then looked up row by row.
+        self._flat_rowwise = any(u in self._blocked_units for u in self.units.flat_units)
         # Flat fields (categorical, then numeric) grouped by width; `flat_inverse` puts the groups back in order.
         widths = [self._unit_dims[u] for u in self.units.flat_units]
         self._flat_groups: list[tuple[int, str]] = []
@@ -269,6 +346,7 @@ class MixedDimEmbedding(FeatureEmbedding):
         built with full shapes. A state dict of the same structure loads in place (parameters keep identity)."""
         dims = state_dict.get(prefix + "dims")
         remaps = [state_dict.get(f"{prefix}{REMAP_PREFIX}{i}") for i in range(len(self.units))]
+        stored_widths = [state_dict.get(f"{prefix}{WIDTHS_PREFIX}{i}") for i in range(len(self.units))]
         if dims is not None and all(r is not None for r in remaps):
             rows = tuple(int(r.shape[0]) for r in remaps)  # type: ignore[union-attr]
             if tuple(dims.shape) != (len(self.units),) or rows != self.units.rows:
@@ -277,22 +355,33 @@ class MixedDimEmbedding(FeatureEmbedding):
                     f"{list(rows)}, this model's features give {len(self.units)} units with rows "
                     f"{list(self.units.rows)} (different features or vocabularies)")
                 return
-            same = dims.tolist() == self.dims.tolist() and all(
-                torch.equal(r.to(torch.int32).cpu(), self._remap(i).cpu())  # type: ignore[union-attr]
-                for i, r in enumerate(remaps))
+            widths = [w.long().cpu() if w is not None else torch.where(r.cpu() >= 0, int(d), 0).long()
+                      for w, r, d in zip(stored_widths, remaps, dims.tolist())]  # type: ignore[union-attr]
+            same = all(torch.equal(w, self.row_widths(i).cpu()) and torch.equal(
+                r.to(torch.int32).cpu(), self._remap(i).cpu())  # type: ignore[union-attr]
+                for i, (w, r) in enumerate(zip(widths, remaps)))
             if not same:
-                keeps = [r >= 0 for r in remaps]  # type: ignore[operator]
-                self._install([int(d) for d in dims.tolist()], keeps, None)
+                self._install(widths, None)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._rebuild_index()
 
     # -------------------------------------------------------------------------------------- architecture
     def architecture(self) -> EmbeddingArchitecture:
-        """The stored structure: dims and row keep-masks per unit."""
-        return EmbeddingArchitecture(
+        """The stored structure: dims and row keep-masks per unit; a unit whose rows have several widths as
+        blocks, one per width (widest first)."""
+        architecture = EmbeddingArchitecture(
             self.dim, dict(zip(self.units.names, self._unit_dims)),
             {name: (self._remap(i) >= 0).cpu() for i, name in enumerate(self.units.names)})
+        for i in sorted(self._blocked_units):
+            name, widths = self.units.names[i], self.row_widths(i).cpu()
+            present = sorted({int(w) for w in widths[widths > 0].tolist()}, reverse=True)
+            block = torch.zeros_like(widths)
+            for b, w in enumerate(present):
+                block[widths == w] = b
+            architecture.blocks[name] = block
+            architecture.block_dims[name] = present
+        return architecture
 
     @torch.no_grad()
     def dense_table(self) -> torch.Tensor:
@@ -301,12 +390,12 @@ class MixedDimEmbedding(FeatureEmbedding):
         dense = torch.zeros(self.units.total_rows, self.dim, dtype=next(iter(weights.values())).dtype
                             if weights else torch.get_default_dtype(), device=self.dims.device)
         for i, start in enumerate(self.units.offsets):
-            d = self._unit_dims[i]
             remap = self._remap(i).long()
-            kept = remap >= 0
-            if d > 0 and bool(kept.any()):
-                rows = torch.arange(start, start + len(remap), device=remap.device)[kept]
-                dense[rows, :d] = weights[d][remap[kept]]
+            widths = self.row_widths(i).to(remap.device)
+            for d in {int(w) for w in torch.unique(widths).tolist() if w > 0}:
+                selected = widths == d
+                rows = torch.arange(start, start + len(remap), device=remap.device)[selected]
+                dense[rows, :d] = weights[d][remap[selected]]
         return dense
 
     @torch.no_grad()
@@ -314,40 +403,50 @@ class MixedDimEmbedding(FeatureEmbedding):
         """Store the full ``[Σ rows, D]`` ``table`` (every row, every dimension), e.g. a search's trained table."""
         if tuple(table.shape) != (self.units.total_rows, self.dim):
             raise ValueError(f"a full table has shape {(self.units.total_rows, self.dim)}, got {tuple(table.shape)}")
-        self._install([self.dim] * len(self.units), [None] * len(self.units), {self.dim: table})
+        self._install(self._uniform_widths(self.dim), {self.dim: table})
 
     @torch.no_grad()
     def prune(self, architecture: EmbeddingArchitecture) -> None:
         """Keep only what ``architecture`` keeps of the current table: per unit the rows of its mask (a row already
-        pruned stays pruned) and the dimensions of its order (indices into the currently stored dimensions).
-        Parameters are replaced: build optimisers afterwards."""
+        pruned stays pruned) and, per block of rows, the dimensions of its order (indices into the currently
+        stored dimensions). Parameters are replaced: build optimisers afterwards."""
         if architecture.dim != self.dim:
             raise ValueError(f"the architecture is for width {architecture.dim}, this table has width {self.dim}")
         architecture.check(self.units)
         dense = self.dense_table()
-        dims: list[int] = []
-        keeps: list[torch.Tensor] = []
+        widths: list[torch.Tensor] = []
         parts: dict[int, list[torch.Tensor]] = {}
         for i, (name, start, rows) in enumerate(zip(self.units.names, self.units.offsets, self.units.rows)):
-            d = architecture.dim_of(name)
-            order = list(architecture.order.get(name, range(d)))
-            if any(k >= self._unit_dims[i] for k in order):
-                raise ValueError(f"embedding unit {name!r}: the table stores {self._unit_dims[i]} dimensions, the "
-                                 f"architecture keeps dimensions {order}")
-            keep = self._remap(i) >= 0
+            stored = self.row_widths(i).to(dense.device)
+            keep = stored > 0
             if name in architecture.rows:
                 keep = keep & architecture.rows[name].to(keep.device)
-            dims.append(d)
-            keeps.append(keep)
-            if d > 0:
+            block, dims, orders = architecture.unit_blocks(name, rows)
+            block = block.to(dense.device)
+            unit_dense = dense[start:start + rows]
+            ordered = torch.zeros_like(unit_dense)
+            width = torch.zeros(rows, dtype=torch.long, device=dense.device)
+            for b, (d, order) in enumerate(zip(dims, orders)):
+                in_block = (block == b) & keep
+                if d == 0 or not bool(in_block.any()):
+                    continue
+                if int(stored[in_block].min()) <= max(order):
+                    raise ValueError(f"embedding unit {name!r}: the table stores {int(stored[in_block].min())} "
+                                     f"dimensions, the architecture keeps dimensions {order}")
                 index = torch.tensor(order, dtype=torch.long, device=dense.device)
-                parts.setdefault(d, []).append(dense[start:start + rows][keep].index_select(1, index))
-        self._install(dims, keeps, {w: torch.cat(p) for w, p in parts.items()})
+                ordered[in_block, :d] = unit_dense[in_block].index_select(1, index)
+                width[in_block] = d
+            widths.append(width)
+            for d in sorted({int(w) for w in torch.unique(width).tolist() if w > 0}):
+                parts.setdefault(d, []).append(ordered[width == d, :d])
+        self._install(widths, {w: torch.cat(p) for w, p in parts.items()})
 
     # -------------------------------------------------------------------------------------------- lookup
+    def _dtype(self) -> torch.dtype:
+        return next((p.dtype for p in self.group_weights().values()), torch.get_default_dtype())
+
     def _zeros(self, shape: Sequence[int], device: torch.device) -> torch.Tensor:
-        dtype = next((p.dtype for p in self.group_weights().values()), torch.get_default_dtype())
-        return torch.zeros(*shape, self.dim, dtype=dtype, device=device)
+        return torch.zeros(*shape, self.dim, dtype=self._dtype(), device=device)
 
     def _lookup(self, compact: torch.Tensor, width: int) -> torch.Tensor:
         """Rows ``compact`` (-1: pruned -> zeros) of the width-``width`` group, zero-padded to ``D``."""
@@ -362,6 +461,17 @@ class MixedDimEmbedding(FeatureEmbedding):
             vectors = F.embedding(compact, weight, sparse=self.sparse)
         return F.pad(vectors, (0, self.dim - width)) if width < self.dim else vectors
 
+    def _lookup_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Global rows ``rows`` (any shape) -> ``[*, D]``, each row at its own width (blocked units)."""
+        widths = self.global_widths[rows]
+        compact = self.global_remap[rows]
+        out = self._zeros(rows.shape, rows.device)
+        for width, weight in self.group_weights().items():
+            selected = widths == width
+            vectors = F.embedding(compact[selected], weight, sparse=self.sparse)
+            out = out.index_put((selected,), F.pad(vectors, (0, self.dim - width)) if width < self.dim else vectors)
+        return out
+
     def _flat(self, batch: FeatureBatch) -> torch.Tensor | None:
         num_cat, num_num = len(self.layout.categorical), len(self.layout.numeric)
         if num_cat + num_num == 0:
@@ -371,8 +481,11 @@ class MixedDimEmbedding(FeatureEmbedding):
             ids.append(batch.categorical + self.flat_offsets[:num_cat])
         if num_num:
             ids.append(self.flat_offsets[num_cat:].expand(len(batch), num_num))
-        compact = self.global_remap[ids[0] if len(ids) == 1 else torch.cat(ids, dim=1)]
-        if self._flat_single is not None:
+        rows = ids[0] if len(ids) == 1 else torch.cat(ids, dim=1)
+        compact = self.global_remap[rows]
+        if self._flat_rowwise:
+            vectors = self._lookup_rows(rows)
+        elif self._flat_single is not None:
             vectors = self._lookup(compact, self._flat_single)
         else:
             blocks = [self._lookup(compact.index_select(1, getattr(self, name)), w) for w, name in self._flat_groups]
@@ -393,7 +506,9 @@ class MixedDimEmbedding(FeatureEmbedding):
             ids = batch.sequences[spec.name]
             mask = ids > 0
             width = self._unit_dims[unit]
-            if width > 0:
+            if unit in self._blocked_units:
+                vectors = self._lookup_rows(ids + self.unit_starts[unit]) * mask.unsqueeze(-1).to(self._dtype())
+            elif width > 0:
                 vectors = self._lookup(self.global_remap[ids + self.unit_starts[unit]], width)
                 vectors = vectors * mask.unsqueeze(-1).to(vectors.dtype)
             else:
@@ -424,8 +539,10 @@ class MixedDimEmbedding(FeatureEmbedding):
 
     def _stored_rows(self, rows: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, nn.Parameter]]:
         """For global rows ``rows``: per width group, (which of ``rows`` are stored there, their stored rows)."""
-        units = torch.bucketize(rows, self.unit_starts, right=True) - 1
-        widths = self.dims[units]
+        if self._blocked_units:
+            widths = self.global_widths[rows].long()
+        else:
+            widths = self.dims[torch.bucketize(rows, self.unit_starts, right=True) - 1]
         compact = self.global_remap[rows]
         out = []
         for width, weight in self.group_weights().items():
@@ -458,5 +575,6 @@ class MixedDimEmbedding(FeatureEmbedding):
         return sum(p.numel() * p.element_size() for p in self.group_weights().values())
 
     def extra_repr(self) -> str:
-        dims = ", ".join(f"{n}={d}" for n, d in zip(self.units.names, self._unit_dims))
+        dims = ", ".join(f"{n}={d}" + ("(blocks)" if i in self._blocked_units else "")
+                         for i, (n, d) in enumerate(zip(self.units.names, self._unit_dims)))
         return f"dim={self.dim}, stored={self.parameter_count():,} floats, dims=[{dims}]"

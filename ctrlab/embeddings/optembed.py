@@ -127,7 +127,7 @@ class OptEmbedSupernet(FullTableSearchEmbedding):
         mask = binary_step(vectors.abs().sum(dim=-1) - thresholds)
         return torch.where(is_table, mask, torch.ones_like(mask))
 
-    def select(self, vectors: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+    def select(self, vectors: torch.Tensor, units: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         mask = self.row_mask_of(vectors, units)
         if mask is not None:
             vectors = vectors * mask.unsqueeze(-1)

@@ -103,9 +103,9 @@ class FullTableSearchEmbedding(FeatureEmbedding):
         self.register_buffer("flat_units", torch.tensor(self.units.flat_units, dtype=torch.long), persistent=False)
         self.register_buffer("unit_starts", torch.tensor(offsets, dtype=torch.long), persistent=False)
 
-    def select(self, vectors: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+    def select(self, vectors: torch.Tensor, units: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Transform looked-up vectors ``[B, P, D]``; ``units`` (``[P]``, or ``[1]`` for one sequence's items)
-        names each position's unit. The default keeps them."""
+        names each position's unit, ``rows`` (``[B, P]``) each vector's global row. The default keeps them."""
         return vectors
 
     def unit_table(self, unit: int) -> torch.Tensor:
@@ -128,7 +128,7 @@ class FullTableSearchEmbedding(FeatureEmbedding):
             if num_num:
                 ids.append(self.flat_offsets[num_cat:].expand(len(batch), num_num))
             flat_ids = ids[0] if len(ids) == 1 else torch.cat(ids, dim=1)
-            vectors = self.select(F.embedding(flat_ids, self.weight, sparse=self.sparse), self.flat_units)
+            vectors = self.select(F.embedding(flat_ids, self.weight, sparse=self.sparse), self.flat_units, flat_ids)
             if num_num:
                 vectors = torch.cat([vectors[:, :num_cat], vectors[:, num_cat:] * batch.numeric.unsqueeze(-1)], 1)
             parts.append(vectors)
@@ -136,8 +136,10 @@ class FullTableSearchEmbedding(FeatureEmbedding):
         for spec, unit in zip(self.layout.sequence, self.units.sequence_units):
             ids = batch.sequences[spec.name]
             mask = ids > 0
-            vectors = F.embedding(ids + self.unit_starts[unit], self.weight, sparse=self.sparse)
-            vectors = self.select(vectors, self.flat_units.new_tensor([unit])) * mask.unsqueeze(-1).to(vectors.dtype)
+            rows = ids + self.unit_starts[unit]
+            vectors = F.embedding(rows, self.weight, sparse=self.sparse)
+            vectors = self.select(vectors, self.flat_units.new_tensor([unit]), rows) * mask.unsqueeze(-1).to(
+                vectors.dtype)
             sequences[spec.name] = (vectors, mask)
         return EmbeddingOutput.assemble(self.layout, parts, sequences)
 

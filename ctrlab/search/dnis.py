@@ -8,7 +8,8 @@ Outputs under ``<run>/embedding_search/``:
 ``search_model.safetensors``
     the searched model (weights and significance weights ``embedding.alpha``); a later run's ``retrain`` reads it.
 ``significance.csv``
-    one row per (unit, dimension): ``alpha``, ``|alpha|``, its rank within the unit and whether it is kept.
+    one row per (block, dimension): the block's rows, ``alpha``, ``|alpha|``, its rank within the block and whether
+    it is kept (a block is a unit, or ``<unit>#<b>`` with frequency blocks, b = 0 the most frequent values).
 ``dims.json``
     the kept dimensions per unit and their order (source dimensions, most significant first).
 
@@ -21,6 +22,7 @@ dimensions are not a field's leading ones) and saves the dims for a later ``retr
 from __future__ import annotations
 
 import csv
+import functools
 import itertools
 import math
 from collections.abc import Callable, Iterator
@@ -33,7 +35,7 @@ from safetensors.torch import load_file
 
 from ctrlab.config.train import TrainConfig
 from ctrlab.data.batches import BatchIterator, FeatureBatch
-from ctrlab.embeddings.dnis import DNISConfig, DNISSearchEmbedding
+from ctrlab.embeddings.dnis import DNISConfig, DNISSearchEmbedding, FrequencyBlocks, training_row_counts
 from ctrlab.embeddings.mixed_dim import EmbeddingArchitecture, EmbeddingUnits
 from ctrlab.errors import DataError
 from ctrlab.models.ctr_model import CTRModel
@@ -158,32 +160,61 @@ def prune_by_budget(significance: torch.Tensor, rows: list[int], budget: float) 
     return dims, spent
 
 
-def architecture_from_significance(significance: torch.Tensor, units: EmbeddingUnits, config: DNISConfig
-                                   ) -> EmbeddingArchitecture:
-    """Rank each unit's dimensions by ``|α|`` and keep the most significant ones by ``threshold`` or ``budget``."""
+def block_dims(significance: torch.Tensor, blocks: FrequencyBlocks, config: DNISConfig) -> list[int]:
+    """Kept dimensions per block by ``threshold`` or ``budget`` (a block costs its rows per dimension)."""
     if config.threshold is not None:
-        dims = prune_by_threshold(significance, config.threshold)
-    else:
-        dims, _ = prune_by_budget(significance, list(units.rows), float(config.budget))  # type: ignore[arg-type]
+        return prune_by_threshold(significance, config.threshold)
+    dims, _ = prune_by_budget(significance, blocks.rows_per_block, float(config.budget))  # type: ignore[arg-type]
+    return dims
+
+
+def architecture_from_significance(significance: torch.Tensor, units: EmbeddingUnits, config: DNISConfig,
+                                   blocks: FrequencyBlocks | None = None) -> EmbeddingArchitecture:
+    """Rank each block's dimensions by ``|α|`` and keep the most significant ones by ``threshold`` or ``budget``;
+    ``blocks`` defaults to one block per unit (then ``significance`` has one row per unit)."""
+    blocks = blocks or FrequencyBlocks.one_per_unit(units)
+    if significance.shape[0] != len(blocks):
+        raise ValueError(f"significance for {significance.shape[0]} blocks, the table has {len(blocks)}")
+    dims = block_dims(significance, blocks, config)
     ranks = rank_dimensions(significance)
-    return EmbeddingArchitecture(
-        int(significance.shape[1]), dict(zip(units.names, dims)), {},
-        {name: ranks[u][:dims[u]] for u, name in enumerate(units.names)})
+    architecture = EmbeddingArchitecture(int(significance.shape[1]))
+    for u, name in enumerate(units.names):
+        own = [b for b, unit in enumerate(blocks.block_unit) if unit == u]
+        if len(own) == 1:
+            architecture.dims[name] = dims[own[0]]
+            architecture.order[name] = ranks[own[0]][:dims[own[0]]]
+        else:
+            architecture.blocks[name] = blocks.unit_blocks(units, u)
+            architecture.block_dims[name] = [dims[b] for b in own]
+            architecture.block_order[name] = [ranks[b][:dims[b]] for b in own]
+    return architecture
 
 
-def write_significance(context: SearchContext, alpha: torch.Tensor, architecture: EmbeddingArchitecture) -> None:
+def write_significance(context: SearchContext, alpha: torch.Tensor, blocks: FrequencyBlocks, kept: list[int]
+                       ) -> None:
+    """One row per (block, dimension); a block is named ``<unit>#<b>`` when its unit has several."""
     ranks = rank_dimensions(alpha)
+    rows = blocks.rows_per_block
     with atomic_path(context.directory / SIGNIFICANCE_FILE) as tmp:
         with tmp.open("w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
-            writer.writerow(["unit", "dimension", "alpha", "abs_alpha", "rank", "kept"])
-            for u, name in enumerate(context.units.names):
-                position = {k: r for r, k in enumerate(ranks[u])}
-                kept = architecture.dim_of(name)
+            writer.writerow(["unit", "rows", "dimension", "alpha", "abs_alpha", "rank", "kept"])
+            for b, name in enumerate(blocks.names(context.units)):
+                position = {k: r for r, k in enumerate(ranks[b])}
                 for k in range(alpha.shape[1]):
-                    value = float(alpha[u, k])
-                    writer.writerow([name, k, f"{value:.6g}", f"{abs(value):.6g}", position[k] + 1,
-                                     int(position[k] < kept)])
+                    value = float(alpha[b, k])
+                    writer.writerow([name, rows[b], k, f"{value:.6g}", f"{abs(value):.6g}", position[k] + 1,
+                                     int(position[k] < kept[b])])
+
+
+def frequency_blocks(context: SearchContext) -> FrequencyBlocks:
+    """The recipe's frequency blocks, from the training split's row counts (the same data gives the same blocks,
+    so a later ``retrain`` recomputes them)."""
+    config: DNISConfig = context.config
+    if config.blocks == 1:
+        return FrequencyBlocks.one_per_unit(context.units)
+    counts = training_row_counts(context.layout, context.batches["train"])
+    return FrequencyBlocks.from_counts(context.units, counts, config.blocks)
 
 
 # ---------------------------------------------------------------------------------------------- the stages
@@ -191,7 +222,7 @@ def search(context: SearchContext) -> tuple[CTRModel, dict[str, Any]]:
     """Stage ``search``: train the model with the soft selection layer, alternating weight and ``α`` steps, for
     up to ``search_epochs`` epochs (the best validation epoch's weights and ``α`` are kept), and save it."""
     config: DNISConfig = context.config
-    model = context.build_network(DNISSearchEmbedding)
+    model = context.build_network(functools.partial(DNISSearchEmbedding, blocks=frequency_blocks(context)))
     embedding = model.embedding
     assert isinstance(embedding, DNISSearchEmbedding)
 
@@ -203,7 +234,7 @@ def search(context: SearchContext) -> tuple[CTRModel, dict[str, Any]]:
     trainer = BilevelTrainer(model, train_config, context.device, context.batches["valid"], config.arch_lr,
                              seed=context.recipe.seed, console=context.console, callbacks=[log_epoch])
     context.say(f"stage search: up to {config.search_epochs} epochs, alpha lr {config.arch_lr:g} on validation "
-                "batches after every training step")
+                f"batches after every training step, {len(embedding.blocks)} blocks")
     fit = trainer.fit(context.batches["train"], context.batches["valid"])
     embedding.alpha.requires_grad_(True)
     save_weights(model, context.directory / SEARCH_MODEL_FILE)
@@ -215,15 +246,15 @@ def search(context: SearchContext) -> tuple[CTRModel, dict[str, Any]]:
     return model, summary
 
 
-def load_alpha(context: SearchContext) -> torch.Tensor:
+def load_alpha(context: SearchContext, blocks: FrequencyBlocks) -> torch.Tensor:
     """The significance weights of an earlier run's search (``embedding.from_run``), copied into this run."""
     path = context.copy_earlier(SEARCH_MODEL_FILE)
     state = load_file(str(path))
     alpha = state.get(ALPHA_KEY)
-    expected = (len(context.units), context.dim)
+    expected = (len(blocks), context.dim)
     if alpha is None or tuple(alpha.shape) != expected:
         raise DataError(f"{path}: no significance weights {ALPHA_KEY} of shape {expected} (the earlier run has other "
-                        "features or another embedding.dim)")
+                        "features, another embedding.dim or other embedding.blocks)")
     return alpha
 
 
@@ -236,13 +267,17 @@ def run(context: SearchContext) -> SearchOutcome:
         network, summary["search"] = search(context)
         embedding = network.embedding
         assert isinstance(embedding, DNISSearchEmbedding)
-        alpha = embedding.alpha.detach().cpu()
+        alpha, blocks = embedding.alpha.detach().cpu(), embedding.blocks
     else:
-        alpha = load_alpha(context)
-    architecture = architecture_from_significance(alpha, context.units, config)
-    write_significance(context, alpha, architecture)
+        blocks = frequency_blocks(context)
+        alpha = load_alpha(context, blocks)
+    architecture = architecture_from_significance(alpha, context.units, config, blocks)
+    kept = block_dims(alpha, blocks, config)
+    write_significance(context, alpha, blocks, kept)
     rule = f"threshold {config.threshold:g}" if config.threshold is not None else f"budget {config.budget:g}"
-    summary["pruning"] = {"rule": rule}
+    summary["pruning"] = {"rule": rule, "blocks": len(blocks)}
+    if len(blocks) > len(context.units):
+        summary["pruning"]["block_dims"] = dict(zip(blocks.names(context.units), kept))
     # Without re-training, the run's model is the searched network itself: its blocks were trained on every
     # dimension in place, so it keeps the full table (alpha folded in); the dims are saved for a later retrain.
     return SearchOutcome(architecture, retrain="retrain" in config.stages, network=network, summary=summary,

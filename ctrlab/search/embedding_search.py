@@ -13,8 +13,12 @@ Shared outputs (every searching run writes them, so a run directory is complete 
 ``dims.json``
     ``{"dim": D, "dims": {unit: kept dimensions}, "order": {unit: [source dimensions]}}``; a *unit* is a vocabulary
     table or a numeric field (see :mod:`ctrlab.embeddings.mixed_dim`).
+    With frequency blocks (DNIS ``blocks`` > 1) also ``"block_dims": {unit: [kept dimensions per block]}`` and
+    ``"block_order": {unit: [[source dimensions] per block]}``.
 ``row_mask.safetensors``
     one bool-as-uint8 tensor per vocabulary table, 1 = row kept (OptEmbed only; DNIS keeps every row).
+``row_blocks.safetensors``
+    with frequency blocks: per blocked table the block of every row (int64; 0 = the most frequent values).
 
 Stages that read an earlier run (``embedding.from_run``) copy what they read into this run's directory. The
 global random state is restored after the search, so the final training is the same whichever stages ran here.
@@ -54,6 +58,7 @@ from ctrlab.utils.checkpoint import load_weights
 from ctrlab.utils.io import atomic_path, write_json_atomic
 
 DIMS_FILE = "dims.json"
+ROW_BLOCKS_FILE = "row_blocks.safetensors"
 ROW_MASK_FILE = "row_mask.safetensors"
 
 #: embedding kind -> module with ``run(context) -> SearchOutcome``
@@ -148,9 +153,13 @@ class SearchOutcome:
 
 # ------------------------------------------------------------------------------------------ architecture files
 def save_architecture(architecture: EmbeddingArchitecture, directory: Path) -> None:
-    """``dims.json`` and, when rows are pruned, ``row_mask.safetensors``."""
-    write_json_atomic(directory / DIMS_FILE, {"dim": architecture.dim, "dims": architecture.dims,
-                                              "order": architecture.order})
+    """``dims.json``, with pruned rows ``row_mask.safetensors``, with frequency blocks ``row_blocks.safetensors``."""
+    data: dict[str, Any] = {"dim": architecture.dim, "dims": architecture.dims, "order": architecture.order}
+    if architecture.blocks:
+        data.update(block_dims=architecture.block_dims, block_order=architecture.block_order)
+        with atomic_path(directory / ROW_BLOCKS_FILE) as tmp:
+            save_file({k: v.to(torch.int64).contiguous() for k, v in architecture.blocks.items()}, str(tmp))
+    write_json_atomic(directory / DIMS_FILE, data)
     if architecture.rows:
         with atomic_path(directory / ROW_MASK_FILE) as tmp:
             save_file({k: v.to(torch.uint8).contiguous() for k, v in architecture.rows.items()}, str(tmp))
@@ -165,26 +174,34 @@ def load_row_mask(path: Path, units: EmbeddingUnits) -> dict[str, torch.Tensor]:
     return rows
 
 
-def load_dims(path: Path, units: EmbeddingUnits, dim: int) -> tuple[dict[str, int], dict[str, list[int]]]:
+def load_dims(path: Path, units: EmbeddingUnits, dim: int) -> EmbeddingArchitecture:
+    """The dims, orders and block dims of ``dims.json`` (no row masks or row blocks yet)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         dims = {str(k): int(v) for k, v in data["dims"].items()}
         order = {str(k): [int(i) for i in v] for k, v in data.get("order", {}).items()}
+        block_dims = {str(k): [int(d) for d in v] for k, v in data.get("block_dims", {}).items()}
+        block_order = {str(k): [[int(i) for i in o] for o in v] for k, v in data.get("block_order", {}).items()}
         saved_dim = int(data["dim"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise DataError(f"{path}: not a dims file ({error})") from None
-    if saved_dim != dim or set(dims) - set(units.names):
-        raise DataError(f"{path}: dims for width {saved_dim} and units {sorted(dims)} do not fit embedding.dim "
+    named = set(dims) | set(block_dims)
+    if saved_dim != dim or named - set(units.names):
+        raise DataError(f"{path}: dims for width {saved_dim} and units {sorted(named)} do not fit embedding.dim "
                         f"{dim} and this recipe's units {list(units.names)}")
-    return dims, order
+    return EmbeddingArchitecture(dim, dims, {}, order, {}, block_dims, block_order)
 
 
 def load_architecture(directory: Path, units: EmbeddingUnits, dim: int) -> EmbeddingArchitecture:
     """The architecture saved by :func:`save_architecture` in ``directory``."""
-    dims, order = load_dims(directory / DIMS_FILE, units, dim)
+    architecture = load_dims(directory / DIMS_FILE, units, dim)
     mask_path = directory / ROW_MASK_FILE
-    rows = load_row_mask(mask_path, units) if mask_path.is_file() else {}
-    architecture = EmbeddingArchitecture(dim, dims, rows, order)
+    architecture.rows = load_row_mask(mask_path, units) if mask_path.is_file() else {}
+    if architecture.block_dims:
+        blocks_path = directory / ROW_BLOCKS_FILE
+        if not blocks_path.is_file():
+            raise DataError(f"{blocks_path}: not found; {directory / DIMS_FILE} has block dims")
+        architecture.blocks = {name: t.to(torch.long) for name, t in load_file(str(blocks_path)).items()}
     try:
         architecture.check(units)
     except ValueError as error:

@@ -351,6 +351,7 @@ def run(context: SearchContext) -> SearchOutcome:
         dims, order = {n: context.dim for n in units.names}, {}
     else:  # read the earlier run's dims (all D when it ran no search)
         path = context.earlier(DIMS_FILE)
-        dims, order = load_dims(path, units, context.dim)
+        saved = load_dims(path, units, context.dim)
+        dims, order = saved.dims, saved.order
     architecture = EmbeddingArchitecture(context.dim, dims, rows, order)
     return SearchOutcome(architecture, retrain="retrain" in stages, network=network, summary=summary)
