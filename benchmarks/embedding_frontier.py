@@ -91,7 +91,8 @@ def embedding_variant(variant: str, base: dict[str, Any], args: argparse.Namespa
                 "max_parameters": args.optembed_max_parameters}
     if kind == "dnis":
         return {"kind": "dnis", **common, "search_epochs": args.search_epochs, "budget": args.dnis_budget,
-                "blocks": args.dnis_blocks}
+                "blocks": args.dnis_blocks, "arch_lr": args.dnis_arch_lr, "significance": args.dnis_significance,
+                "budget_order": args.dnis_budget_order}
     raise ValueError(f"unknown variant {variant}")
 
 
@@ -197,6 +198,9 @@ def main() -> None:
                         "at most this fraction of the full parameters (default: no limit, as in the paper)")
     parser.add_argument("--dnis-budget", type=float, default=0.4)
     parser.add_argument("--dnis-blocks", type=int, default=1, help="frequency blocks per table (DNIS)")
+    parser.add_argument("--dnis-arch-lr", type=float, default=1e-3, help="DNIS: learning rate of alpha")
+    parser.add_argument("--dnis-significance", choices=("alpha", "effective"), default="alpha")
+    parser.add_argument("--dnis-budget-order", choices=("significance", "per_parameter"), default="significance")
     parser.add_argument("--device", help="train.device for every run (default: the recipe's)")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--skip-existing", action="store_true", help="keep saved results instead of re-running")

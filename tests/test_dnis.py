@@ -19,7 +19,7 @@ from ctrlab.blocks import BLOCKS
 from ctrlab.config.loader import validate_recipe
 from ctrlab.config.train import OptimizerConfig, TrainConfig
 from ctrlab.embeddings import EMBEDDINGS
-from ctrlab.embeddings.dnis import DNISSearchEmbedding, FrequencyBlocks, training_row_counts
+from ctrlab.embeddings.dnis import DNISSearchEmbedding, FrequencyBlocks, block_significance, training_row_counts
 from ctrlab.embeddings.mixed_dim import EmbeddingArchitecture, EmbeddingUnits
 from ctrlab.errors import RecipeError
 from ctrlab.models import build_model
@@ -133,6 +133,23 @@ def test_budget_pruning_by_hand() -> None:
     # budget 0.5 of 16 rows x 2 dims = 16 floats: 0.9 (10), 0.8 (1), 0.7 (1) fit; 0.5 (5) would make 17
     assert prune_by_budget(alpha, rows, 0.5) == ([1, 2, 0], 12)
     assert prune_by_budget(alpha, rows, 1.0) == ([2, 2, 2], 32)
+    # per float: 0.8 and 0.7 (cost 1) first, then 0.5/5 = 0.1 (5), 0.9/10 = 0.09 (10) would make 17, 0.05/5 fits
+    assert prune_by_budget(alpha, rows, 0.5, per_parameter=True) == ([0, 2, 2], 12)
+
+
+def test_effective_significance_weighs_alpha_by_the_blocks_root_mean_square_weights() -> None:
+    units = EmbeddingUnits.from_layout(LAYOUT)  # 15 rows: item 9, user 5, x 1
+    blocks = FrequencyBlocks.from_counts(units, torch.arange(15, 0, -1), 2)  # item rows 0-4 | 5-8, user 0-2 | 3-4
+    weight = torch.zeros(15, 2)
+    weight[0:5] = torch.tensor([3.0, 0.0])
+    weight[5:9] = torch.tensor([0.0, 1.0])
+    weight[9:12, 0] = torch.tensor([1.0, 2.0, 2.0])
+    weight[14] = torch.tensor([-4.0, 0.5])
+    alpha = torch.tensor([[1.0, 1.0], [2.0, -3.0], [0.5, 1.0], [1.0, 1.0], [1.0, 2.0]])
+    effective = block_significance(weight, alpha, blocks, "effective")
+    expected = torch.tensor([[3.0, 0.0], [0.0, 3.0], [0.5 * 3 ** 0.5, 0.0], [0.0, 0.0], [4.0, 1.0]])
+    torch.testing.assert_close(effective, expected)
+    torch.testing.assert_close(block_significance(weight, alpha, blocks), alpha.abs())
 
 
 @pytest.mark.parametrize("seed", range(5))

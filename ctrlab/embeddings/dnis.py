@@ -37,6 +37,15 @@ class DNISConfig(SearchableEmbeddingConfig):
     significance weights and so its own kept dimensions: rare values can keep fewer dimensions than frequent ones.
     With 1 (the default) a table is one block and every value of a field keeps the same dimensions.
 
+    Under a ``budget`` the (block, dimension) pairs are kept greedily by decreasing significance; with
+    ``budget_order: per_parameter`` by significance per float they cost (significance / the block's rows), the
+    greedy rule for keeping the most significance within the budget, under which a field of ten values keeps its
+    dimensions for almost nothing (not in the paper, which prunes by a threshold on ``|α|``).
+
+    ``significance: effective`` ranks by ``|α_bk| · RMS_{rows r of b}(e_rk)`` instead of ``|α_bk|``: in ``e ⊙ α``
+    the weights and ``α`` can trade scale, and an embedding L2 shrinks rows of rare values towards 0 whatever their
+    ``α``, so ``|α|`` alone can rank a dimension the network barely receives above one it uses (not in the paper).
+
     Set one of ``threshold`` and ``budget``; with neither, ``budget`` is 0.5.
     """
 
@@ -52,6 +61,13 @@ class DNISConfig(SearchableEmbeddingConfig):
     alpha_init: float = Field(1.0, description="initial value of every significance weight")
     blocks: int = Field(1, ge=1, description="frequency blocks per vocabulary table, each with its own "
                                              "significance weights and kept dimensions (1: one per table)")
+    significance: Literal["alpha", "effective"] = Field(
+        "alpha", description="what ranks a (block, dimension): |alpha| (the paper), or |alpha| times the "
+                             "root-mean-square of that dimension's weights over the block's rows (the magnitude the "
+                             "network actually receives)")
+    budget_order: Literal["significance", "per_parameter"] = Field(
+        "significance", description="with a budget, keep (block, dimension) pairs by decreasing significance, or "
+                                    "by significance per stored float (a block of few rows is cheap to keep)")
     threshold: float | None = Field(None, gt=0, le=1, description="keep the (field, dimension) units whose |alpha| "
                                                                   "is at least this fraction of the largest |alpha|")
     budget: float | None = Field(None, gt=0, le=1, description="fraction of the full table's parameters to keep: "
@@ -171,9 +187,23 @@ class DNISSearchEmbedding(FullTableSearchEmbedding):
         """``e ⊙ α_b`` for every row: the table the searched network effectively uses."""
         return (self.weight * self.alpha[self.row_block]).detach()
 
-    def significance(self) -> torch.Tensor:
-        """``|α|``, ``[blocks, D]`` (detached, on CPU)."""
-        return self.alpha.detach().abs().cpu()
+    def significance(self, kind: str = "alpha") -> torch.Tensor:
+        """The significance of every (block, dimension), ``[blocks, D]`` (detached, on CPU); see
+        :func:`block_significance`."""
+        return block_significance(self.weight.detach().cpu(), self.alpha.detach().cpu(), self.blocks, kind)
+
+
+def block_significance(weight: torch.Tensor, alpha: torch.Tensor, blocks: FrequencyBlocks, kind: str = "alpha"
+                       ) -> torch.Tensor:
+    """``|α|`` (``kind="alpha"``), or ``|α_bk| · sqrt(mean over the rows r of block b of e_rk²)``
+    (``kind="effective"``), ``[blocks, D]``; ``weight`` is the full ``[Σ rows, D]`` table."""
+    if kind == "alpha":
+        return alpha.abs()
+    if kind != "effective":
+        raise ValueError(f"unknown significance {kind!r}: alpha or effective")
+    squares = torch.zeros_like(alpha).index_add_(0, blocks.row_block, weight.pow(2))
+    rows = torch.tensor(blocks.rows_per_block, dtype=weight.dtype).clamp(min=1).unsqueeze(1)
+    return alpha.abs() * (squares / rows).sqrt()
 
 
 @EMBEDDINGS.register("dnis", DNISConfig)

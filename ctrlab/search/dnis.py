@@ -8,7 +8,8 @@ Outputs under ``<run>/embedding_search/``:
 ``search_model.safetensors``
     the searched model (weights and significance weights ``embedding.alpha``); a later run's ``retrain`` reads it.
 ``significance.csv``
-    one row per (block, dimension): the block's rows, ``alpha``, ``|alpha|``, its rank within the block and whether
+    one row per (block, dimension): the block's rows, ``alpha``, ``|alpha|``, the ``significance`` that ranks it
+    (``|alpha|``, or the effective magnitude, see ``embedding.significance``), its rank within the block and whether
     it is kept (a block is a unit, or ``<unit>#<b>`` with frequency blocks, b = 0 the most frequent values).
 ``dims.json``
     the kept dimensions per unit and their order (source dimensions, most significant first).
@@ -35,7 +36,13 @@ from safetensors.torch import load_file
 
 from ctrlab.config.train import TrainConfig
 from ctrlab.data.batches import BatchIterator, FeatureBatch
-from ctrlab.embeddings.dnis import DNISConfig, DNISSearchEmbedding, FrequencyBlocks, training_row_counts
+from ctrlab.embeddings.dnis import (
+    DNISConfig,
+    DNISSearchEmbedding,
+    FrequencyBlocks,
+    block_significance,
+    training_row_counts,
+)
 from ctrlab.embeddings.mixed_dim import EmbeddingArchitecture, EmbeddingUnits
 from ctrlab.errors import DataError
 from ctrlab.models.ctr_model import CTRModel
@@ -49,6 +56,7 @@ from ctrlab.utils.io import atomic_path
 SEARCH_MODEL_FILE = "search_model.safetensors"
 SIGNIFICANCE_FILE = "significance.csv"
 ALPHA_KEY = "embedding.alpha"
+WEIGHT_KEY = "embedding.weight"
 
 
 # ------------------------------------------------------------------------------------------ bi-level steps
@@ -141,15 +149,19 @@ def prune_by_threshold(significance: torch.Tensor, threshold: float) -> list[int
     return [int(n) for n in (values >= cut).sum(dim=1).tolist()]
 
 
-def prune_by_budget(significance: torch.Tensor, rows: list[int], budget: float) -> tuple[list[int], int]:
-    """Kept dimensions per unit under a parameter budget: ``floor(budget · Σ rows · D)`` floats. The (unit,
-    dimension) pairs are taken greedily by decreasing ``|α|``, each costing its unit's rows; a pair that does not
-    fit is skipped (and so is every less significant pair of its unit, which costs as much). Returns the dims and
-    the floats they use, which never exceed the budget."""
+def prune_by_budget(significance: torch.Tensor, rows: list[int], budget: float, per_parameter: bool = False
+                    ) -> tuple[list[int], int]:
+    """Kept dimensions per unit (or block) under a parameter budget: ``floor(budget · Σ rows · D)`` floats. The
+    (unit, dimension) pairs are taken greedily by decreasing significance, or with ``per_parameter`` by decreasing
+    significance per float (significance / the unit's rows: the greedy rule for the knapsack of keeping the most
+    significance within the budget), each costing its unit's rows; a pair that does not fit is skipped (and so is
+    every less significant pair of its unit, which costs as much). Returns the dims and the floats they use, which
+    never exceed the budget."""
     values = significance.abs()
     num_units, dim = values.shape
     allowed = math.floor(budget * sum(rows) * dim + 1e-9)
-    pairs = sorted(((float(values[u, k]), u, k) for u in range(num_units) for k in range(dim)),
+    cost = [max(r, 1) if per_parameter else 1 for r in rows]
+    pairs = sorted(((float(values[u, k]) / cost[u], u, k) for u in range(num_units) for k in range(dim)),
                    key=lambda p: (-p[0], p[1], p[2]))
     dims = [0] * num_units
     spent = 0
@@ -164,7 +176,8 @@ def block_dims(significance: torch.Tensor, blocks: FrequencyBlocks, config: DNIS
     """Kept dimensions per block by ``threshold`` or ``budget`` (a block costs its rows per dimension)."""
     if config.threshold is not None:
         return prune_by_threshold(significance, config.threshold)
-    dims, _ = prune_by_budget(significance, blocks.rows_per_block, float(config.budget))  # type: ignore[arg-type]
+    dims, _ = prune_by_budget(significance, blocks.rows_per_block, float(config.budget),  # type: ignore[arg-type]
+                              per_parameter=config.budget_order == "per_parameter")
     return dims
 
 
@@ -190,21 +203,21 @@ def architecture_from_significance(significance: torch.Tensor, units: EmbeddingU
     return architecture
 
 
-def write_significance(context: SearchContext, alpha: torch.Tensor, blocks: FrequencyBlocks, kept: list[int]
-                       ) -> None:
+def write_significance(context: SearchContext, alpha: torch.Tensor, significance: torch.Tensor,
+                       blocks: FrequencyBlocks, kept: list[int]) -> None:
     """One row per (block, dimension); a block is named ``<unit>#<b>`` when its unit has several."""
-    ranks = rank_dimensions(alpha)
+    ranks = rank_dimensions(significance)
     rows = blocks.rows_per_block
     with atomic_path(context.directory / SIGNIFICANCE_FILE) as tmp:
         with tmp.open("w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
-            writer.writerow(["unit", "rows", "dimension", "alpha", "abs_alpha", "rank", "kept"])
+            writer.writerow(["unit", "rows", "dimension", "alpha", "abs_alpha", "significance", "rank", "kept"])
             for b, name in enumerate(blocks.names(context.units)):
                 position = {k: r for r, k in enumerate(ranks[b])}
                 for k in range(alpha.shape[1]):
                     value = float(alpha[b, k])
-                    writer.writerow([name, rows[b], k, f"{value:.6g}", f"{abs(value):.6g}", position[k] + 1,
-                                     int(position[k] < kept[b])])
+                    writer.writerow([name, rows[b], k, f"{value:.6g}", f"{abs(value):.6g}",
+                                     f"{float(significance[b, k]):.6g}", position[k] + 1, int(position[k] < kept[b])])
 
 
 def frequency_blocks(context: SearchContext) -> FrequencyBlocks:
@@ -246,16 +259,19 @@ def search(context: SearchContext) -> tuple[CTRModel, dict[str, Any]]:
     return model, summary
 
 
-def load_alpha(context: SearchContext, blocks: FrequencyBlocks) -> torch.Tensor:
-    """The significance weights of an earlier run's search (``embedding.from_run``), copied into this run."""
+def load_search(context: SearchContext, blocks: FrequencyBlocks) -> tuple[torch.Tensor, torch.Tensor]:
+    """The significance weights and the full table of an earlier run's search (``embedding.from_run``), copied
+    into this run."""
     path = context.copy_earlier(SEARCH_MODEL_FILE)
     state = load_file(str(path))
-    alpha = state.get(ALPHA_KEY)
+    alpha, weight = state.get(ALPHA_KEY), state.get(WEIGHT_KEY)
     expected = (len(blocks), context.dim)
     if alpha is None or tuple(alpha.shape) != expected:
         raise DataError(f"{path}: no significance weights {ALPHA_KEY} of shape {expected} (the earlier run has other "
                         "features, another embedding.dim or other embedding.blocks)")
-    return alpha
+    if weight is None or tuple(weight.shape) != (context.units.total_rows, context.dim):
+        raise DataError(f"{path}: no table {WEIGHT_KEY} of shape {(context.units.total_rows, context.dim)}")
+    return alpha, weight
 
 
 def run(context: SearchContext) -> SearchOutcome:
@@ -267,13 +283,14 @@ def run(context: SearchContext) -> SearchOutcome:
         network, summary["search"] = search(context)
         embedding = network.embedding
         assert isinstance(embedding, DNISSearchEmbedding)
-        alpha, blocks = embedding.alpha.detach().cpu(), embedding.blocks
+        alpha, weight, blocks = embedding.alpha.detach().cpu(), embedding.weight.detach().cpu(), embedding.blocks
     else:
         blocks = frequency_blocks(context)
-        alpha = load_alpha(context, blocks)
-    architecture = architecture_from_significance(alpha, context.units, config, blocks)
-    kept = block_dims(alpha, blocks, config)
-    write_significance(context, alpha, blocks, kept)
+        alpha, weight = load_search(context, blocks)
+    significance = block_significance(weight, alpha, blocks, config.significance)
+    architecture = architecture_from_significance(significance, context.units, config, blocks)
+    kept = block_dims(significance, blocks, config)
+    write_significance(context, alpha, significance, blocks, kept)
     rule = f"threshold {config.threshold:g}" if config.threshold is not None else f"budget {config.budget:g}"
     summary["pruning"] = {"rule": rule, "blocks": len(blocks)}
     if len(blocks) > len(context.units):
