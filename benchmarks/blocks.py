@@ -18,11 +18,13 @@ Throughput (``--throughput``) is timed apart from the training runs, on a quiet 
 training steps of 4096 Frappe rows per block after a warm-up step (forward, backward, optimizer), so runs done in
 parallel (``--threads 1`` in two shells) do not distort it.
 
-Each (suite, block) result is written to ``--results`` as JSON once its seeds finish, and the table is printed from
-every result found there, so suites can run in separate processes and be reported together:
+Each (suite, block) result is written to ``--results`` as JSON after every seed, keeping the seeds saved earlier with
+the same settings (a digest of the run's recipe without seed and paths), and the table is printed from every result
+found there, so suites and even the seeds of one slow block can run in separate processes and be reported together:
 
     python benchmarks/blocks.py                                   # everything, 3 seeds (hours on 2 CPU cores)
     python benchmarks/blocks.py --suites frappe --blocks deepfm dcnv2 --seeds 1
+    python benchmarks/blocks.py --suites frappe --blocks autoint --seeds 1 --seed-start 2022   # one more seed
     python benchmarks/blocks.py --report                          # only print the table from saved results
 """
 
