@@ -222,6 +222,9 @@ def test_frequency_blocks_cut_each_table_by_training_counts_by_hand() -> None:
     assert blocks.unit_blocks(units, 1).tolist() == [2, 0, 0, 1, 1]
     assert blocks.block_unit == (0, 0, 0, 1, 1, 1, 2) and blocks.rows_per_block == [3, 3, 3, 2, 2, 1, 1]
     assert blocks.names(units) == ["item#0", "item#1", "item#2", "user#0", "user#1", "user#2", "x"]
+    # at least 4 rows per block: item (9 rows) in 2 blocks (rows 3, 7, 0, 8, 2 | 5, 6, 4, 1), user (5 rows) in 1
+    fewer = FrequencyBlocks.from_counts(units, by_hand, 3, min_rows=4)
+    assert fewer.unit_blocks(units, 0).tolist() == [0, 1, 0, 0, 1, 1, 1, 0, 0] and fewer.block_unit == (0, 0, 1, 2)
     assert FrequencyBlocks.from_counts(units, by_hand, 1).row_block.tolist() == \
         FrequencyBlocks.one_per_unit(units).row_block.tolist()
 
@@ -325,10 +328,12 @@ def test_a_run_with_frequency_blocks_stores_rows_at_their_blocks_widths(tmp_path
                                                      "search_model.safetensors", "significance.csv"]
     saved = json.loads((out / "dims.json").read_text())
     # every table of 3+ values is cut into 3 blocks, each with its own kept dims; numeric fields stay one block
-    assert sorted(saved["block_dims"]) == ["C1", "C2", "C3", "C4", "C5", "C6", "I2"]
+    # tables of at least 2 x block_min_rows (100) rows are cut: C4 (200 values) in 2, C5 and C6 in 3; the 5- to
+    # 50-value fields and the bucketised I2 stay one block each, as do numeric fields
+    assert {name: len(dims) for name, dims in saved["block_dims"].items()} == {"C4": 2, "C5": 3, "C6": 3}
     with (out / "significance.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert {r["unit"] for r in rows} >= {"C6#0", "C6#1", "C6#2", "I1"}
+    assert {r["unit"] for r in rows} >= {"C6#0", "C6#1", "C6#2", "C1", "I1"}
     kept = {u: sum(int(r["kept"]) for r in rows if r["unit"] == u) for u in {r["unit"] for r in rows}}
     assert [kept[f"C6#{b}"] for b in range(3)] == saved["block_dims"]["C6"]
     assert embedding_floats(result.output_dir / "model.safetensors") == metrics["embedding_parameters"]

@@ -61,6 +61,9 @@ class DNISConfig(SearchableEmbeddingConfig):
     alpha_init: float = Field(1.0, description="initial value of every significance weight")
     blocks: int = Field(1, ge=1, description="frequency blocks per vocabulary table, each with its own "
                                              "significance weights and kept dimensions (1: one per table)")
+    block_min_rows: int = Field(100, ge=1, description="fewest rows in a frequency block: a table is cut into at "
+                                                       "most rows // block_min_rows blocks, so a field of a few "
+                                                       "values is never split value by value")
     significance: Literal["alpha", "effective"] = Field(
         "alpha", description="what ranks a (block, dimension): |alpha| (the paper), or |alpha| times the "
                              "root-mean-square of that dimension's weights over the block's rows (the magnitude the "
@@ -120,14 +123,15 @@ class FrequencyBlocks:
         return cls(torch.repeat_interleave(torch.arange(len(units)), rows), tuple(range(len(units))))
 
     @classmethod
-    def from_counts(cls, units: EmbeddingUnits, counts: torch.Tensor, blocks: int) -> "FrequencyBlocks":
+    def from_counts(cls, units: EmbeddingUnits, counts: torch.Tensor, blocks: int, min_rows: int = 1
+                    ) -> "FrequencyBlocks":
         """Each vocabulary table's rows sorted by ``counts`` (descending; ties by row) and cut into ``blocks``
-        blocks of equal size (sizes differ by at most one; a table with fewer rows gets one block per row);
-        numeric units are one block each."""
+        blocks of equal size (sizes differ by at most one), or fewer so that a block has at least ``min_rows``
+        rows (a table of fewer than ``2 · min_rows`` rows stays one block); numeric units are one block each."""
         row_block = torch.empty(units.total_rows, dtype=torch.long)
         block_unit: list[int] = []
         for u, (start, rows) in enumerate(zip(units.offsets, units.rows)):
-            k = min(blocks, rows) if units.is_table(u) else 1
+            k = max(1, min(blocks, rows // max(min_rows, 1))) if units.is_table(u) else 1
             unit_counts = counts[start:start + rows]
             # stable sort of -count: equal counts keep row order
             order = torch.sort(-unit_counts, stable=True).indices

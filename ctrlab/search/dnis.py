@@ -227,7 +227,7 @@ def frequency_blocks(context: SearchContext) -> FrequencyBlocks:
     if config.blocks == 1:
         return FrequencyBlocks.one_per_unit(context.units)
     counts = training_row_counts(context.layout, context.batches["train"])
-    return FrequencyBlocks.from_counts(context.units, counts, config.blocks)
+    return FrequencyBlocks.from_counts(context.units, counts, config.blocks, config.block_min_rows)
 
 
 # ---------------------------------------------------------------------------------------------- the stages
