@@ -159,6 +159,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     markers = {"full": "*", "hashed": "o", "multiplexed": "s", "optembed": "^", "dnis": "D"}
+    # one colour per table design in every panel (the default cycle would colour by order of appearance)
+    colours = dict(zip(markers, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for ax, (dataset, block) in zip(axes[0], panels):
         group = [r for r in rows if r["dataset"] == dataset and r["block"] == block]
         for kind, marker in markers.items():
@@ -166,11 +168,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                             if r["variant"].split("_")[0] == kind)
             if points:
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, linestyle="-" if
-                        len(points) > 1 else "none", markersize=9 if kind == "full" else 6, label=kind)
+                        len(points) > 1 else "none", markersize=9 if kind == "full" else 6, label=kind,
+                        color=colours[kind])
                 for x, y, name in points:
                     ax.annotate(name.split("_")[-1] if "/" in name else "", (x, y), textcoords="offset points",
                                 xytext=(4, -10), fontsize=7)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on short ranges
         ax.set_xlabel("stored embedding parameters")
         ax.set_ylabel("test AUC")
         ax.set_title(f"{dataset} · {block}")
