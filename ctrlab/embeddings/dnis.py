@@ -18,7 +18,7 @@ from torch import nn
 from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.layout import FeatureLayout
 from ctrlab.embeddings import EMBEDDINGS
-from ctrlab.embeddings.mixed_dim import EmbeddingUnits, MixedDimEmbedding
+from ctrlab.embeddings.mixed_dim import EmbeddingUnits, MixedDimEmbedding, full_table_row_ids
 from ctrlab.embeddings.searchable import FullTableSearchEmbedding, SearchableEmbeddingConfig
 
 DNISStage = Literal["search", "retrain"]
@@ -96,16 +96,9 @@ def training_row_counts(layout: FeatureLayout, batch: FeatureBatch) -> torch.Ten
     """How often every row of the full table (units laid out as :class:`EmbeddingUnits` does) is looked up in
     ``batch``: categorical ids and non-padding sequence ids; numeric units count 0. Long ``[Σ rows]``."""
     units = EmbeddingUnits.from_layout(layout)
-    offsets = units.offsets
-    ids = []
-    if layout.categorical:
-        flat = torch.tensor([offsets[u] for u in units.flat_units[:len(layout.categorical)]], dtype=torch.long)
-        ids.append((batch.categorical.cpu().long() + flat).reshape(-1))
-    for spec, unit in zip(layout.sequence, units.sequence_units):
-        seq = batch.sequences[spec.name].cpu().long()
-        ids.append((seq + offsets[unit])[seq > 0])
-    rows = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long)
-    return torch.bincount(rows, minlength=units.total_rows)
+    starts = torch.tensor(units.offsets, dtype=torch.long, device=batch.categorical.device)
+    rows = full_table_row_ids(layout, units, batch, starts[list(units.flat_units)], starts)
+    return torch.bincount(rows, minlength=units.total_rows).cpu()
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,22 @@ class EmbeddingUnits:
         return unit < self.num_tables
 
 
+def full_table_row_ids(layout: FeatureLayout, units: EmbeddingUnits, batch: FeatureBatch,
+                       flat_offsets: torch.Tensor, unit_starts: torch.Tensor) -> torch.Tensor:
+    """Global rows of the full ``[Σ rows, D]`` table (units laid out by :class:`EmbeddingUnits`) that ``batch``
+    looks up, one entry per lookup (repeats kept): every categorical id and every non-padding sequence id (numeric
+    vectors are not table rows). ``flat_offsets``: first row of each flat field's unit; ``unit_starts``: first row
+    of every unit (:attr:`EmbeddingUnits.offsets` as tensors on the batch's device)."""
+    num_cat = len(layout.categorical)
+    ids = [(batch.categorical + flat_offsets[:num_cat]).reshape(-1)] if num_cat else []
+    for spec, unit in zip(layout.sequence, units.sequence_units):
+        seq = batch.sequences[spec.name]
+        ids.append((seq + unit_starts[unit])[seq > 0])
+    if not ids:
+        return torch.zeros(0, dtype=torch.long, device=unit_starts.device)
+    return torch.cat([i.long() for i in ids])
+
+
 @dataclass
 class EmbeddingArchitecture:
     """What a mixed-dimension table keeps of a full ``[rows, D]`` table, per unit (see the module docstring).
@@ -482,12 +498,12 @@ class MixedDimEmbedding(FeatureEmbedding):
         if num_num:
             ids.append(self.flat_offsets[num_cat:].expand(len(batch), num_num))
         rows = ids[0] if len(ids) == 1 else torch.cat(ids, dim=1)
-        compact = self.global_remap[rows]
         if self._flat_rowwise:
             vectors = self._lookup_rows(rows)
         elif self._flat_single is not None:
-            vectors = self._lookup(compact, self._flat_single)
+            vectors = self._lookup(self.global_remap[rows], self._flat_single)
         else:
+            compact = self.global_remap[rows]
             blocks = [self._lookup(compact.index_select(1, getattr(self, name)), w) for w, name in self._flat_groups]
             if self._flat_zero:
                 blocks.append(self._zeros((len(batch), len(self._flat_zero)), compact.device))
@@ -528,14 +544,7 @@ class MixedDimEmbedding(FeatureEmbedding):
     def row_ids(self, batch: FeatureBatch) -> torch.Tensor:
         """Full-table (unpruned) global rows the batch looks up: every categorical id and every non-padding
         sequence id (numeric vectors are not table rows)."""
-        num_cat = len(self.layout.categorical)
-        ids = [(batch.categorical + self.flat_offsets[:num_cat]).reshape(-1)] if num_cat else []
-        for spec, unit in zip(self.layout.sequence, self.units.sequence_units):
-            seq = batch.sequences[spec.name]
-            ids.append((seq + self.unit_starts[unit])[seq > 0])
-        if not ids:
-            return torch.zeros(0, dtype=torch.long, device=self.dims.device)
-        return torch.cat([i.long() for i in ids])
+        return full_table_row_ids(self.layout, self.units, batch, self.flat_offsets, self.unit_starts)
 
     def _stored_rows(self, rows: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, nn.Parameter]]:
         """For global rows ``rows``: per width group, (which of ``rows`` are stored there, their stored rows)."""

@@ -18,7 +18,7 @@ from torch import nn
 from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.layout import FeatureLayout
 from ctrlab.embeddings.base import EmbeddingConfigBase, EmbeddingOutput, FeatureEmbedding
-from ctrlab.embeddings.mixed_dim import EmbeddingUnits, init_table
+from ctrlab.embeddings.mixed_dim import EmbeddingUnits, full_table_row_ids, init_table
 
 
 class SearchableEmbeddingConfig(EmbeddingConfigBase):
@@ -147,14 +147,7 @@ class FullTableSearchEmbedding(FeatureEmbedding):
         return [self.weight]
 
     def row_ids(self, batch: FeatureBatch) -> torch.Tensor:
-        num_cat = len(self.layout.categorical)
-        ids = [(batch.categorical + self.flat_offsets[:num_cat]).reshape(-1)] if num_cat else []
-        for spec, unit in zip(self.layout.sequence, self.units.sequence_units):
-            seq = batch.sequences[spec.name]
-            ids.append((seq + self.unit_starts[unit])[seq > 0])
-        if not ids:
-            return torch.zeros(0, dtype=torch.long, device=self.weight.device)
-        return torch.cat([i.long() for i in ids])
+        return full_table_row_ids(self.layout, self.units, batch, self.flat_offsets, self.unit_starts)
 
     def lazy_l2(self, batch: FeatureBatch) -> torch.Tensor:
         rows = torch.unique(self.row_ids(batch))

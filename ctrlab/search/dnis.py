@@ -188,7 +188,12 @@ def architecture_from_significance(significance: torch.Tensor, units: EmbeddingU
     blocks = blocks or FrequencyBlocks.one_per_unit(units)
     if significance.shape[0] != len(blocks):
         raise ValueError(f"significance for {significance.shape[0]} blocks, the table has {len(blocks)}")
-    dims = block_dims(significance, blocks, config)
+    return architecture_from_dims(significance, block_dims(significance, blocks, config), units, blocks)
+
+
+def architecture_from_dims(significance: torch.Tensor, dims: list[int], units: EmbeddingUnits,
+                           blocks: FrequencyBlocks) -> EmbeddingArchitecture:
+    """Each block keeps its ``dims`` most significant dimensions, most significant first."""
     ranks = rank_dimensions(significance)
     architecture = EmbeddingArchitecture(int(significance.shape[1]))
     for u, name in enumerate(units.names):
@@ -288,8 +293,8 @@ def run(context: SearchContext) -> SearchOutcome:
         blocks = frequency_blocks(context)
         alpha, weight = load_search(context, blocks)
     significance = block_significance(weight, alpha, blocks, config.significance)
-    architecture = architecture_from_significance(significance, context.units, config, blocks)
     kept = block_dims(significance, blocks, config)
+    architecture = architecture_from_dims(significance, kept, context.units, blocks)
     write_significance(context, alpha, significance, blocks, kept)
     rule = f"threshold {config.threshold:g}" if config.threshold is not None else f"budget {config.budget:g}"
     summary["pruning"] = {"rule": rule, "blocks": len(blocks)}
