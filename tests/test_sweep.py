@@ -270,7 +270,8 @@ def test_a_killed_workers_running_trial_is_failed_and_the_study_completes(
         tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out"
     recipe = _recipe(out, PRUNABLE_SPACE, n_trials=40, pruner="none")
-    recipe["train"].update(epochs=8, early_stopping=None)  # slow enough trials to be killed inside one
+    epochs = 8
+    recipe["train"].update(epochs=epochs, early_stopping=None)  # slow enough trials to be killed inside one
     path = _write(tmp_path / "r.yaml", recipe)
     worker = subprocess.Popen([sys.executable, "-m", "ctrlab", "sweep", str(path)], cwd=tmp_path,
                               env=_env(cache_dir, CTRLAB_SWEEP_HEARTBEAT_INTERVAL="1"),
@@ -285,7 +286,11 @@ def test_a_killed_workers_running_trial_is_failed_and_the_study_completes(
                 trials = _study(out).get_trials(deepcopy=False)
             except Exception:  # the study is not created yet
                 continue
-            if any(t.state in FINISHED for t in trials) and any(t.state == TrialState.RUNNING for t in trials):
+            # Kill inside a trial that has reported an epoch and has at least half its epochs left: a trial merely
+            # seen RUNNING may finish before the signal lands, leaving nothing running to recover.
+            inside = [t for t in trials if t.state == TrialState.RUNNING
+                      and 1 <= len(t.intermediate_values) <= epochs // 2]
+            if any(t.state in FINISHED for t in trials) and inside:
                 worker.send_signal(signal.SIGKILL)
                 break
     finally:
