@@ -36,7 +36,7 @@ def _block(num_fields: int, dim: int = 4, **overrides: object):
 
 @pytest.mark.parametrize("num_fields", [1, 2, 5, 7])
 def test_output_shape_and_generated_field_count(num_fields: int) -> None:
-    block = _block(num_fields)
+    block = _block(num_fields, generation_embedding="shared")
     fields = torch.randn(3, num_fields, 4)
     assert block(EmbeddingOutput(fields)).shape == (3,)
     # Heights: the convolutions keep them, pooling rounds up: h1 = ceil(F / 2), h2 = ceil(h1 / 3).
@@ -52,6 +52,33 @@ def test_output_shape_and_generated_field_count(num_fields: int) -> None:
 def test_default_config_on_ten_fields_generates_33_fields() -> None:
     block = BLOCKS.build(FGCNNConfig(), BlockInput(_layout(10), 10))
     assert block.generation.num_generated == 3 * (5 + 3 + 2 + 1)
+
+
+def test_separate_generation_embedding_doubles_the_table_and_splits_its_columns() -> None:
+    layout = _layout(5)
+    embedding = EMBEDDINGS.get("per_field").config(dim=4)
+    separate = build_model(embedding, BLOCKS.get("fgcnn").config(**SMALL), layout)
+    shared = build_model(embedding, BLOCKS.get("fgcnn").config(**SMALL, generation_embedding="shared"), layout)
+    assert separate.embedding.dim == 8 and shared.embedding.dim == 4
+    assert separate.embedding.parameter_count() == 2 * shared.embedding.parameter_count()
+    block = separate.block
+    fields = torch.randn(3, 5, 8)
+    base = block.augmented(fields)
+    assert base.shape == (3, 5 + block.generation.num_generated, 4)
+    classifier_half, generation_half = fields.clone(), fields.clone()
+    classifier_half[..., :4] += 1.0
+    generation_half[..., 4:] += 1.0
+    # the first D columns are the original fields and only them; the last D feed only the generated fields
+    torch.testing.assert_close(block.augmented(classifier_half)[:, :5], fields[..., :4] + 1.0)
+    torch.testing.assert_close(block.augmented(classifier_half)[:, 5:], base[:, 5:])
+    torch.testing.assert_close(block.augmented(generation_half)[:, :5], base[:, :5])
+    assert not torch.allclose(block.augmented(generation_half)[:, 5:], base[:, 5:])
+    assert block.mlp[0].in_features == base.shape[1] * 4 + base.shape[1] * (base.shape[1] - 1) // 2
+
+
+def test_separate_generation_embedding_needs_an_even_width() -> None:
+    with pytest.raises(ValueError, match="separate generation embedding reads an even embedding width, got 5"):
+        _block(4, dim=5)
 
 
 def test_pairwise_inner_products_match_a_double_loop() -> None:

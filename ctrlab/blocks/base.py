@@ -38,5 +38,11 @@ class InteractionBlock(nn.Module):
     """Maps :class:`EmbeddingOutput` to a logit contribution ``[B]``. The model adds the bias and the optional
     first-order term; the block never owns an optimiser, device or loss."""
 
+    @classmethod
+    def embedding_width(cls, config: BlockConfigBase, dim: int) -> int:
+        """The embedding width the block reads for a recipe's ``embedding.dim``: ``dim`` unless the block keeps
+        several embeddings of that width side by side in one table (FGCNN's separate generation embedding)."""
+        return dim
+
     def forward(self, embedded: EmbeddingOutput) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError

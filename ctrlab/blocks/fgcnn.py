@@ -30,6 +30,9 @@ class FGCNNConfig(BlockConfigBase):
                                            description="max-pooling height per block")
     recombined_maps: list[_Positive] = Field(default_factory=lambda: [3, 3, 3, 3], min_length=1,
                                              description="new feature maps per block (each h_i fields of width D)")
+    generation_embedding: Literal["separate", "shared"] = Field(
+        "separate", description="separate: feature generation reads its own embedding of width embedding.dim, "
+        "as in the paper (the table stores 2 x embedding.dim per row); shared: it reads the classifier's")
     mlp: MLPConfig = Field(default_factory=MLPConfig)
 
     @model_validator(mode="after")
@@ -51,23 +54,42 @@ class FGCNNBlock(InteractionBlock):
     """logit = MLP([e_1; …; e_N; ⟨e_i, e_j⟩ for i<j]) over the N = F + F_new original and generated fields
     (Liu et al. 2019, Sec. 3.2, an IPNN classifier on the augmented feature space).
 
-    The paper gives the feature-generation CNN its own embedding tables; a ctrlab model has one embedding layer,
-    so the new fields are generated from the same field embeddings the classifier reads (the "shared embedding"
-    variant of reference implementations).
+    As in the paper (Fig. 2, Sec. 3.1), feature generation has its own embeddings by default
+    (``generation_embedding: separate``): the model's one table stores both side by side, each row
+    ``[classifier half; generation half]`` of width 2·D, so the classifier reads the first D columns and the CNN
+    the last D. With ``shared`` both read the same D columns (the "shared embedding" variant of reference
+    implementations: half the embedding parameters). Under OptEmbed's dimension search the pruned trailing columns
+    are the generation half's.
     """
 
     def __init__(self, config: FGCNNConfig, shape: BlockInput) -> None:
         super().__init__()
-        self.generation = FeatureGeneration(shape.num_fields, shape.dim, config.channels, config.kernel_heights,
+        self.separate = config.generation_embedding == "separate"
+        if self.separate and shape.dim % 2:
+            raise ValueError(f"FGCNN with a separate generation embedding reads an even embedding width, got "
+                             f"{shape.dim}")
+        self.dim = shape.dim // 2 if self.separate else shape.dim
+        self.generation = FeatureGeneration(shape.num_fields, self.dim, config.channels, config.kernel_heights,
                                             config.pooling_sizes, config.recombined_maps)
         total = shape.num_fields + self.generation.num_generated
         rows, cols = torch.triu_indices(total, total, offset=1)
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("cols", cols, persistent=False)
-        self.mlp = MLP(total * shape.dim + rows.numel(), config.mlp, out_dim=1)
+        self.mlp = MLP(total * self.dim + rows.numel(), config.mlp, out_dim=1)
+
+    @classmethod
+    def embedding_width(cls, config: BlockConfigBase, dim: int) -> int:
+        return 2 * dim if getattr(config, "generation_embedding", "shared") == "separate" else dim
+
+    def augmented(self, fields: torch.Tensor) -> torch.Tensor:
+        """The classifier's fields: the original ones then the generated ones, ``[B, F + F_new, D]``."""
+        if self.separate:
+            original, source = fields[..., : self.dim], fields[..., self.dim:]
+        else:
+            original = source = fields
+        return torch.cat([original, self.generation(source)], dim=1)
 
     def forward(self, embedded: EmbeddingOutput) -> torch.Tensor:
-        fields = embedded.fields
-        augmented = torch.cat([fields, self.generation(fields)], dim=1)  # [B, F + F_new, D]
+        augmented = self.augmented(embedded.fields)
         products = pairwise_inner_products(augmented, self.rows, self.cols)
         return self.mlp(torch.cat([augmented.flatten(1), products], dim=1)).squeeze(-1)

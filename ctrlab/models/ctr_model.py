@@ -52,8 +52,12 @@ def build_model(embedding_config: Any, model_config: Any, layout: FeatureLayout,
     if layout.num_fields == 0:
         raise ValueError("the recipe selects no features")
     linear = EMBEDDINGS.build(embedding_config, layout, dim=1) if model_config.linear else None
-    if not getattr(BLOCKS.get(model_config.block).impl, "needs_embedding", True):
+    block_type = BLOCKS.get(model_config.block).impl
+    if not getattr(block_type, "needs_embedding", True):
         return CTRModel(None, None, linear)
+    width = block_type.embedding_width(model_config, embedding_config.dim)
+    if width != embedding_config.dim:
+        embedding_config = embedding_config.model_copy(update={"dim": width})
     embedding = (main_embedding or EMBEDDINGS.build)(embedding_config, layout)
     block = BLOCKS.build(model_config, BlockInput(layout, embedding.dim))
     return CTRModel(embedding, block, linear)
