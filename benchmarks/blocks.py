@@ -107,6 +107,9 @@ def train_suite(suite: str, block: str, seeds: list[int], args: argparse.Namespa
     for seed in seeds:
         raw = _recipe(suite, block, seed, args.out, args.synthetic_rows)
         settings = _settings_key(raw)
+        # After the settings key (resuming does not change the result): a seed killed part-way, e.g. by a
+        # session's end, continues from its last finished epoch when the same command runs again.
+        raw["train"]["resume"] = True
         recipe = validate_recipe(raw)
         started = time.perf_counter()
         result = train_recipe(recipe, data_dir=args.data_dir, console=Console(quiet=True))
@@ -115,6 +118,7 @@ def train_suite(suite: str, block: str, seeds: list[int], args: argparse.Namespa
                "bayes_optimal_auc": result.metrics.get("bayes_optimal_test_auc"),
                "epochs": len(result.fit.history), "best_epoch": result.fit.best_epoch,
                "seconds": round(time.perf_counter() - started, 1), "settings": settings,
+               "train_seconds": round(sum(r.seconds for r in result.fit.history), 1),
                "date": str(dt.date.today()), "threads": torch.get_num_threads()}
         runs = sorted([r for r in _saved_runs(result_file, settings) if r["seed"] != seed] + [run],
                       key=lambda r: r["seed"])

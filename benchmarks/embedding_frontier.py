@@ -102,7 +102,8 @@ def run_one(dataset: str, block: str, variant: str, args: argparse.Namespace) ->
     tag = f"{dataset}_{block}_{variant.replace('/', 'of')}"
     recipe.update({"name": tag, "seed": args.seed, "output_dir": str(args.out / tag),
                    "tracking": {"enabled": False}})
-    recipe["train"] = {**recipe["train"], "progress": False}
+    # resume: a run killed part-way (a session's end) continues from its last epoch when started again
+    recipe["train"] = {**recipe["train"], "progress": False, "resume": True}
     if args.device:
         recipe["train"]["device"] = args.device
     started = time.perf_counter()
@@ -112,6 +113,7 @@ def run_one(dataset: str, block: str, variant: str, args: argparse.Namespace) ->
             "auc": metrics["test"]["auc"], "logloss": metrics["test"]["logloss"],
             "embedding_parameters": metrics["embedding_parameters"], "embedding_bytes": metrics["embedding_bytes"],
             "epochs": len(result.fit.history), "seconds": round(time.perf_counter() - started, 1),
+            "train_seconds": round(sum(r.seconds for r in result.fit.history), 1),
             "search": metrics.get("embedding_search", {}).get("dims"), "embedding": recipe["embedding"],
             "model": recipe["model"], "date": str(dt.date.today()),
             "device": metrics["device"]}

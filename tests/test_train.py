@@ -142,3 +142,62 @@ def test_api_recipe_without_output_dir_is_interpolated() -> None:
     data = _recipe(Path("unused"))
     del data["output_dir"]
     assert validate_recipe(data).output_dir == "runs/t"
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_resumable_run_continues_to_the_same_result(tmp_path: Path, cache_dir: Path) -> None:
+    from ctrlab.train.state import state_path
+
+    # lr 0.05 with patience 3 reduces the lr and stops early within a few epochs; dropout draws from torch's RNG.
+    data = _recipe(tmp_path / "whole", epochs=30, optimizer={"lr": 0.05}, early_stopping={"patience": 3},
+                   lr_on_plateau={"factor": 0.1})
+    data["model"]["mlp"]["dropout"] = 0.2
+    whole = train_recipe(validate_recipe(data), console=QUIET)
+    assert whole.fit.stopped_early and whole.metrics["epochs_run"] >= 4
+
+    data = {**data, "output_dir": str(tmp_path / "resumed")}
+    data["train"] = {**data["train"], "resume": True}
+    seen: list[int] = []
+
+    def interrupt(record) -> None:
+        seen.append(record.epoch)
+        if record.epoch == 2:
+            raise _Interrupted
+
+    with pytest.raises(_Interrupted):
+        train_recipe(validate_recipe(data), console=QUIET, callbacks=[interrupt])
+    state = state_path(tmp_path / "resumed")
+    assert state.exists() and not (tmp_path / "resumed").exists()
+
+    seen.clear()
+    data["train"] = {**data["train"], "num_threads": 1}  # how fast it runs does not invalidate the state
+    resumed = train_recipe(validate_recipe(data), console=QUIET, callbacks=[seen.append])
+    assert [r.epoch for r in seen] == list(range(1, whole.metrics["epochs_run"] + 1))  # restored epochs replayed
+    assert resumed.metrics["test"] == whole.metrics["test"]
+    assert resumed.metrics["best_epoch"] == whole.metrics["best_epoch"]
+    assert [r.train_loss for r in resumed.fit.history] == [r.train_loss for r in whole.fit.history]
+    assert [r.lr for r in resumed.fit.history] == [r.lr for r in whole.fit.history]
+    assert pl.read_parquet(resumed.output_dir / "test_predictions.parquet").equals(
+        pl.read_parquet(whole.output_dir / "test_predictions.parquet"))
+    assert not state.exists()  # a completed run leaves nothing to resume
+
+
+def test_a_saved_state_of_another_recipe_is_refused(tmp_path: Path, cache_dir: Path) -> None:
+    from ctrlab.errors import RecipeError
+    from ctrlab.train.state import state_path
+
+    data = _recipe(tmp_path / "out", epochs=3, resume=True)
+
+    def interrupt(record) -> None:
+        raise _Interrupted
+
+    with pytest.raises(_Interrupted):
+        train_recipe(validate_recipe(data), console=QUIET, callbacks=[interrupt])
+    data["train"]["optimizer"] = {"lr": 1e-3}
+    with pytest.raises(RecipeError, match=r"\.out\.train_state\.pt: the saved training state belongs to a "
+                                          r"different recipe"):
+        train_recipe(validate_recipe(data), console=QUIET)
+    assert state_path(tmp_path / "out").exists()  # kept: the user decides whether to delete it

@@ -60,3 +60,5 @@ class TrainConfig(Section):
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice")
     progress: bool = True
     grad_clip_norm: float | None = Field(None, gt=0)
+    resume: bool = Field(False, description="save the training state after every epoch beside output_dir and, "
+                         "when the same recipe saved one, continue from it (see ctrlab.train.state)")

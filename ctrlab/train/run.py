@@ -44,6 +44,7 @@ from ctrlab.tracking import RunLogger, learning_curve_figure, mlflow_run, system
 from ctrlab.tracking.mlflow_tracker import redact_uri
 from ctrlab.train.device import resolve_device
 from ctrlab.train.metrics import auc
+from ctrlab.train.state import TrainingStateFile, recipe_digest, state_path
 from ctrlab.train.trainer import EpochCallback, FitResult, Trainer
 from ctrlab.utils.checkpoint import save_weights
 from ctrlab.utils.io import atomic_directory, write_json_atomic, write_text_atomic
@@ -135,8 +136,10 @@ def _train_and_save(recipe: Recipe, data: PreparedData, device: torch.device, co
         data.processor.save(tmp / PROCESSOR_FILE)
         search = _embedding_search(recipe, model, batches, device, console, tracker, tmp)  # prunes the model
         trainer = Trainer(model, recipe.train, device, seed=recipe.seed, console=console, callbacks=all_callbacks)
+        state = (TrainingStateFile(state_path(output_dir), recipe_digest(recipe_to_dict(recipe)))
+                 if recipe.train.resume else None)
         if search is None or search.retrain:
-            fit = trainer.fit(batches["train"], batches["valid"], checkpoint=tmp / WEIGHTS_FILE)
+            fit = trainer.fit(batches["train"], batches["valid"], checkpoint=tmp / WEIGHTS_FILE, state=state)
         else:  # the searched network, pruned, is the final model: evaluate only
             fit = FitResult()
         save_weights(trainer.model, tmp / WEIGHTS_FILE)
@@ -160,6 +163,8 @@ def _train_and_save(recipe: Recipe, data: PreparedData, device: torch.device, co
         if tracker is not None and recipe.tracking.log_artifacts and fit.history:
             learning_curve_figure(fit.history).savefig(tmp / LEARNING_CURVE_FILE, dpi=100)
         write_json_atomic(tmp / METRICS_FILE, metrics)
+    if state is not None:
+        state.remove()  # the run is complete and in place: nothing left to resume
     return metrics, fit, output_dir
 
 

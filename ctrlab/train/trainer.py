@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from ctrlab.models.ctr_model import CTRModel
 from ctrlab.train.device import autocast
 from ctrlab.train.metrics import compute_metrics
 from ctrlab.train.optim import Optimizers, build_optimizers
+from ctrlab.train.state import TrainingStateFile
 from ctrlab.utils.checkpoint import save_weights
 
 _HIGHER_IS_BETTER = {"auc": True, "gauc": True, "logloss": False}
@@ -167,17 +169,76 @@ class Trainer:
         delta = self.config.early_stopping.min_delta if self.config.early_stopping else 0.0
         return value > best + delta if _HIGHER_IS_BETTER[self.monitor] else value < best - delta
 
-    def fit(self, train: FeatureBatch, valid: FeatureBatch, checkpoint: Path | None = None) -> FitResult:
-        """Train until ``epochs`` or early stopping; the model ends holding the best validation weights."""
+    def _stops(self, bad_epochs: int) -> bool:
+        return self.config.early_stopping is not None and bad_epochs >= self.config.early_stopping.patience
+
+    def _state(self, result: FitResult, best_value: float | None, best_state: dict[str, torch.Tensor] | None,
+               bad_epochs: int) -> dict[str, Any]:
+        """What :meth:`fit` needs to continue after the epoch just finished (see :mod:`ctrlab.train.state`)."""
+        return {
+            "model": self.model.state_dict(),
+            "best_model": best_state if best_state is not None else {},
+            "optimizers": [opt.state_dict() for opt in self.optimizers.optimizers],
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "history": [dataclasses.asdict(r) for r in result.history],
+            "best_epoch": result.best_epoch,
+            "best_valid": dict(result.best_valid),
+            "best_value": best_value,
+            "bad_epochs": bad_epochs,
+        }
+
+    def _restore(self, state: dict[str, Any], result: FitResult) -> tuple[float | None,
+                                                                           dict[str, torch.Tensor] | None, int]:
+        """Load a state written by :meth:`_state` into the model, optimisers and generators and ``result``;
+        returns (best value, best weights, epochs without improvement)."""
+        self.model.load_state_dict(state["model"])
+        for opt, opt_state in zip(self.optimizers.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(opt_state)
+        if self.scaler is not None and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        result.history = [EpochRecord(**record) for record in state["history"]]
+        result.best_epoch, result.best_valid = state["best_epoch"], dict(state["best_valid"])
+        best_state = {k: v.to(self.device) for k, v in state["best_model"].items()} or None
+        return state["best_value"], best_state, state["bad_epochs"]
+
+    def fit(self, train: FeatureBatch, valid: FeatureBatch, checkpoint: Path | None = None,
+            state: TrainingStateFile | None = None) -> FitResult:
+        """Train until ``epochs`` or early stopping; the model ends holding the best validation weights.
+
+        With ``state``, the training state is saved after every epoch and, if a saved one exists, training
+        continues from it; the restored epochs are replayed to the callbacks (a tracker gets the whole curve)."""
         train = train.to(self.device)
         valid = valid.to(self.device)
         result = FitResult()
         best_value: float | None = None
         best_state: dict[str, torch.Tensor] | None = None
         bad_epochs = 0
+        saved = state.load() if state is not None else None
+        if saved is not None:
+            best_value, best_state, bad_epochs = self._restore(saved, result)
+            self.console.print(f"resuming after epoch {len(result.history)} from {state.path}",  # type: ignore[union-attr]
+                               highlight=False, soft_wrap=True)
+            for record in result.history:
+                for callback in self.callbacks:
+                    callback(record)
+            if checkpoint is not None and best_state is not None:
+                current = copy.deepcopy(self.model.state_dict())
+                self.model.load_state_dict(best_state)
+                save_weights(self.model, checkpoint)
+                self.model.load_state_dict(current)
+            result.stopped_early = self._stops(bad_epochs)
         progress = self._progress()
         with progress if progress is not None else contextlib.nullcontext():
-            for epoch in range(1, self.config.epochs + 1):
+            for epoch in range(len(result.history) + 1, self.config.epochs + 1):
+                if result.stopped_early:
+                    break
                 start = time.perf_counter()
                 train_loss = self.train_epoch(train, progress)
                 train_seconds = time.perf_counter() - start
@@ -198,9 +259,11 @@ class Trainer:
                     bad_epochs += 1
                     if self.config.lr_on_plateau is not None:
                         self.optimizers.scale_lr(self.config.lr_on_plateau.factor, self.config.lr_on_plateau.min_lr)
+                if state is not None:
+                    state.save(self._state(result, best_value, best_state, bad_epochs))
                 for callback in self.callbacks:
                     callback(record)
-                if self.config.early_stopping is not None and bad_epochs >= self.config.early_stopping.patience:
+                if self._stops(bad_epochs):
                     result.stopped_early = True
                     self.console.print(f"early stopping: no {self.monitor} improvement for {bad_epochs} epochs; "
                                        f"best epoch {result.best_epoch}")
