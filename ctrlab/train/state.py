@@ -7,6 +7,9 @@ learning rates reduced on plateaus), the early-stopping counters, the history, a
 (the trainer's shuffling generator and torch's global one, which drives dropout). On the same machine and device
 the resumed run therefore ends with the same weights and metrics as one that was never interrupted.
 
+Only the final training resumes: an embedding search (``optembed``, ``dnis``) runs its stages again first (they are
+deterministic, so they prune the model to the same shapes the state was saved for).
+
 The file is written with ``torch.save`` and read with ``torch.load(weights_only=True)``: tensors, numbers, strings,
 lists and dicts only, no pickled objects.
 """
