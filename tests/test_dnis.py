@@ -315,6 +315,31 @@ def test_retrain_from_an_earlier_search_reprunes_and_reproduces(dnis_run) -> Non
     assert smaller.metrics["test"]["auc"] > 0.6
 
 
+def test_an_interrupted_resumable_search_run_resumes_its_final_training_to_the_same_model(dnis_run) -> None:
+    from ctrlab.train.state import state_path
+
+    root, _, result = dnis_run
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(record) -> None:
+        if record.epoch == 2:
+            raise Interrupted
+
+    data = synthetic_recipe(root / "resumed", SEARCH, resume=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CTRLAB_CACHE_DIR", str(root / "cache"))
+        with pytest.raises(Interrupted):
+            train_recipe(validate_recipe(data), console=QUIET, callbacks=[interrupt])
+        assert state_path(root / "resumed").exists()
+        resumed = train_recipe(validate_recipe(data), console=QUIET)  # the search runs again, training resumes
+    saved = pl.read_parquet(result.output_dir / "test_predictions.parquet")["probability"].to_numpy()
+    again = pl.read_parquet(resumed.output_dir / "test_predictions.parquet")["probability"].to_numpy()
+    assert np.array_equal(saved, again)
+    assert resumed.metrics["embedding_parameters"] == result.metrics["embedding_parameters"]
+
+
 def test_a_run_with_frequency_blocks_stores_rows_at_their_blocks_widths(tmp_path: Path, cache_dir: Path) -> None:
     search = {**SEARCH, "blocks": 3}
     recipe = validate_recipe(synthetic_recipe(tmp_path / "blocks", search))
