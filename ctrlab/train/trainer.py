@@ -208,6 +208,23 @@ class Trainer:
         best_state = {k: v.to(self.device) for k, v in state["best_model"].items()} or None
         return state["best_value"], best_state, state["bad_epochs"]
 
+    def _resume(self, saved: dict[str, Any], path: Path, result: FitResult, checkpoint: Path | None
+                ) -> tuple[float | None, dict[str, torch.Tensor] | None, int]:
+        """Restore ``saved``, replay its epochs to the callbacks, write its best weights to ``checkpoint``."""
+        best_value, best_state, bad_epochs = self._restore(saved, result)
+        self.console.print(f"resuming after epoch {len(result.history)} from {path}", highlight=False,
+                           soft_wrap=True)
+        for record in result.history:
+            for callback in self.callbacks:
+                callback(record)
+        if checkpoint is not None and best_state is not None:
+            current = copy.deepcopy(self.model.state_dict())
+            self.model.load_state_dict(best_state)
+            save_weights(self.model, checkpoint)
+            self.model.load_state_dict(current)
+        result.stopped_early = self._stops(bad_epochs)
+        return best_value, best_state, bad_epochs
+
     def fit(self, train: FeatureBatch, valid: FeatureBatch, checkpoint: Path | None = None,
             state: TrainingStateFile | None = None) -> FitResult:
         """Train until ``epochs`` or early stopping; the model ends holding the best validation weights.
@@ -220,20 +237,8 @@ class Trainer:
         best_value: float | None = None
         best_state: dict[str, torch.Tensor] | None = None
         bad_epochs = 0
-        saved = state.load() if state is not None else None
-        if saved is not None:
-            best_value, best_state, bad_epochs = self._restore(saved, result)
-            self.console.print(f"resuming after epoch {len(result.history)} from {state.path}",  # type: ignore[union-attr]
-                               highlight=False, soft_wrap=True)
-            for record in result.history:
-                for callback in self.callbacks:
-                    callback(record)
-            if checkpoint is not None and best_state is not None:
-                current = copy.deepcopy(self.model.state_dict())
-                self.model.load_state_dict(best_state)
-                save_weights(self.model, checkpoint)
-                self.model.load_state_dict(current)
-            result.stopped_early = self._stops(bad_epochs)
+        if state is not None and (saved := state.load()) is not None:
+            best_value, best_state, bad_epochs = self._resume(saved, state.path, result, checkpoint)
         progress = self._progress()
         with progress if progress is not None else contextlib.nullcontext():
             for epoch in range(len(result.history) + 1, self.config.epochs + 1):
