@@ -27,7 +27,7 @@ from ctrlab.train.device import autocast
 from ctrlab.train.metrics import compute_metrics
 from ctrlab.train.optim import Optimizers, build_optimizers
 from ctrlab.train.state import TrainingStateFile
-from ctrlab.utils.checkpoint import save_weights
+from ctrlab.utils.checkpoint import save_state_dict, save_weights
 
 _HIGHER_IS_BETTER = {"auc": True, "gauc": True, "logloss": False}
 
@@ -190,40 +190,32 @@ class Trainer:
             "bad_epochs": bad_epochs,
         }
 
-    def _restore(self, state: dict[str, Any], result: FitResult) -> tuple[float | None,
-                                                                           dict[str, torch.Tensor] | None, int]:
-        """Load a state written by :meth:`_state` into the model, optimisers and generators and ``result``;
-        returns (best value, best weights, epochs without improvement)."""
-        self.model.load_state_dict(state["model"])
-        for opt, opt_state in zip(self.optimizers.optimizers, state["optimizers"], strict=True):
-            opt.load_state_dict(opt_state)
-        if self.scaler is not None and state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if self.device.type == "cuda" and state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        result.history = [EpochRecord(**record) for record in state["history"]]
-        result.best_epoch, result.best_valid = state["best_epoch"], dict(state["best_valid"])
-        best_state = {k: v.to(self.device) for k, v in state["best_model"].items()} or None
-        return state["best_value"], best_state, state["bad_epochs"]
-
     def _resume(self, saved: dict[str, Any], path: Path, result: FitResult, checkpoint: Path | None
                 ) -> tuple[float | None, dict[str, torch.Tensor] | None, int]:
-        """Restore ``saved``, replay its epochs to the callbacks, write its best weights to ``checkpoint``."""
-        best_value, best_state, bad_epochs = self._restore(saved, result)
+        """Load a state written by :meth:`_state` into the model, optimisers, generators and ``result``, replay
+        its epochs to the callbacks and write its best weights to ``checkpoint``; returns (best value, best
+        weights, epochs without improvement)."""
+        self.model.load_state_dict(saved["model"])
+        for opt, opt_state in zip(self.optimizers.optimizers, saved["optimizers"], strict=True):
+            opt.load_state_dict(opt_state)
+        if self.scaler is not None and saved["scaler"]:
+            self.scaler.load_state_dict(saved["scaler"])
+        self.generator.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        if self.device.type == "cuda" and saved["cuda_rng"]:
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        result.history = [EpochRecord(**record) for record in saved["history"]]
+        result.best_epoch, result.best_valid = saved["best_epoch"], dict(saved["best_valid"])
+        best_state = {k: v.to(self.device) for k, v in saved["best_model"].items()} or None
         self.console.print(f"resuming after epoch {len(result.history)} from {path}", highlight=False,
                            soft_wrap=True)
         for record in result.history:
             for callback in self.callbacks:
                 callback(record)
         if checkpoint is not None and best_state is not None:
-            current = copy.deepcopy(self.model.state_dict())
-            self.model.load_state_dict(best_state)
-            save_weights(self.model, checkpoint)
-            self.model.load_state_dict(current)
-        result.stopped_early = self._stops(bad_epochs)
-        return best_value, best_state, bad_epochs
+            save_state_dict(best_state, checkpoint)
+        result.stopped_early = self._stops(saved["bad_epochs"])
+        return saved["best_value"], best_state, saved["bad_epochs"]
 
     def fit(self, train: FeatureBatch, valid: FeatureBatch, checkpoint: Path | None = None,
             state: TrainingStateFile | None = None) -> FitResult:

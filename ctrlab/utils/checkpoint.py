@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -12,9 +14,14 @@ from ctrlab.utils.io import atomic_path
 
 
 def save_weights(model: nn.Module, path: str | Path) -> None:
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_state_dict(model.state_dict(), path)
+
+
+def save_state_dict(state: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """A model's state dict (e.g. best weights kept aside during training) as safetensors, atomically."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp))
+        save_file(tensors, str(tmp))
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
