@@ -50,6 +50,7 @@ from ctrlab.models import build_model
 from ctrlab.train.run import seed_everything, train_recipe
 from ctrlab.train.trainer import Trainer
 from ctrlab.utils.io import write_json_atomic
+from ctrlab.utils.signals import sigterm_raises
 
 REPO = Path(__file__).resolve().parents[1]
 # BARS frappe_x1 test AUC of each model (FGCNN has no x1 figure there: held to DeepFM's).
@@ -228,4 +229,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with sigterm_raises():  # a killed seed leaves its resumable state, not a half-built output directory
+        main()

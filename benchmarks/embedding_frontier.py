@@ -35,6 +35,7 @@ from rich.console import Console
 
 from ctrlab.config.loader import read_recipe_file, validate_recipe
 from ctrlab.train.run import train_recipe
+from ctrlab.utils.signals import sigterm_raises
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = ("frappe", "synthetic_large")
@@ -242,4 +243,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with sigterm_raises():  # a killed seed leaves its resumable state, not a half-built output directory
+        main()

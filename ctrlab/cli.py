@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ctrlab.errors import CtrlabError
+from ctrlab.utils.signals import Terminated, sigterm_raises
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -144,7 +145,8 @@ def datasets_list(data_dir: DataDirOpt = None) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app, turning user errors into one line and exit code 2."""
     try:
-        app(args=argv, standalone_mode=False)
+        with sigterm_raises():
+            app(args=argv, standalone_mode=False)
     except CtrlabError as error:
         # The message is data (paths, values from the file): escape it so rich prints "[no]" instead of eating it.
         err.print(f"[bold red]error:[/bold red] {escape(error.message)}", highlight=False, soft_wrap=True)
@@ -157,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("interrupted; nothing was written to the output directory")
         return 130
+    except Terminated:
+        err.print("terminated; nothing was written to the output directory")
+        return 143
     except Exception as error:  # click usage errors
         import click
 

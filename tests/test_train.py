@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import torch
 from rich.console import Console
 
 from ctrlab.config.loader import validate_recipe
@@ -201,3 +202,39 @@ def test_a_saved_state_of_another_recipe_is_refused(tmp_path: Path, cache_dir: P
                                           r"different recipe"):
         train_recipe(validate_recipe(data), console=QUIET)
     assert state_path(tmp_path / "out").exists()  # kept: the user decides whether to delete it
+
+
+def test_sigterm_ends_a_cli_run_cleanly_keeping_its_resumable_state(tmp_path: Path) -> None:
+    """``kill`` (SIGTERM) mid-run: exit code 143, one line on stderr, no half-built output directory left beside
+    the output path, and the resumable state of the finished epochs intact (resuming from it is tested above)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from ctrlab.train.state import state_path
+
+    out = tmp_path / "out"
+    data = _recipe(out, epochs=200, resume=True, early_stopping={"patience": 200})
+    data["tracking"] = {"enabled": False}
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(data))
+    env = {**os.environ, "CTRLAB_CACHE_DIR": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "ctrlab.cli", "train", str(recipe_file)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not state_path(out).exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert state_path(out).exists(), "no epoch finished within 300 s"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1] == "terminated; nothing was written to the output directory"
+    assert "Traceback" not in stderr
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
+    assert len(torch.load(state_path(out), weights_only=True)["history"]) >= 1  # whole and readable
+

@@ -1,0 +1,34 @@
+"""Turn a termination request (SIGTERM: ``kill``, a scheduler, a session's end) into an exception, so that the
+clean-up paths that run on Ctrl-C also run then: half-built output directories are removed, state files stay whole."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+
+
+class Terminated(BaseException):
+    """Raised in the main thread when the process receives SIGTERM (a ``BaseException``, like
+    ``KeyboardInterrupt``, so ``except Exception`` blocks do not swallow it)."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated(f"terminated by signal {signum}")
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated`; the previous handler is restored on exit.
+
+    Outside the main thread (where Python cannot install handlers) the block runs unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
