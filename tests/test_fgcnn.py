@@ -81,6 +81,26 @@ def test_separate_generation_embedding_needs_an_even_width() -> None:
         _block(4, dim=5)
 
 
+def _generated_spread(batch_norm: bool, scale: float) -> float:
+    """How much the generated fields vary across rows when the embeddings have entries of size ``scale``."""
+    torch.manual_seed(0)
+    block = _block(7, generation_embedding="shared", generation_batch_norm=batch_norm)
+    fields = torch.randn(256, 7, 4) * scale
+    return block.generation(fields).std(dim=0).mean().item()
+
+
+def test_batch_norm_makes_generated_fields_vary_as_much_for_tiny_embeddings_as_for_large_ones() -> None:
+    # Embeddings of size 1e-2 (Frappe's stay below that under embedding L2 0.05) must still give generated fields
+    # that differ between rows about as much as for unit-size embeddings (measured 0.241 vs 0.257); without batch
+    # norm they are ~100x flatter (0.0014 vs 0.13).
+    normed_small, normed_large = _generated_spread(True, 1e-2), _generated_spread(True, 1.0)
+    plain_small, plain_large = _generated_spread(False, 1e-2), _generated_spread(False, 1.0)
+    assert normed_small > 0.8 * normed_large, (normed_small, normed_large)
+    assert plain_small < 0.05 * plain_large, (plain_small, plain_large)
+    assert _block(7, generation_batch_norm=False).generation.convs[0][1].__class__ is torch.nn.Tanh
+    assert isinstance(_block(7).generation.convs[0][1], torch.nn.BatchNorm2d)
+
+
 def test_pairwise_inner_products_match_a_double_loop() -> None:
     fields = torch.randn(2, 6, 5)
     rows, cols = torch.triu_indices(6, 6, offset=1)

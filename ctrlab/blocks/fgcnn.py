@@ -33,6 +33,9 @@ class FGCNNConfig(BlockConfigBase):
     generation_embedding: Literal["separate", "shared"] = Field(
         "separate", description="separate: feature generation reads its own embedding of width embedding.dim, "
         "as in the paper (the table stores 2 x embedding.dim per row); shared: it reads the classifier's")
+    generation_batch_norm: bool = Field(
+        True, description="batch-normalise each convolution's maps before tanh (as reference implementations do; "
+        "without it, generated fields are as small as the embeddings and interactions are slow to emerge)")
     mlp: MLPConfig = Field(default_factory=MLPConfig)
 
     @model_validator(mode="after")
@@ -70,7 +73,8 @@ class FGCNNBlock(InteractionBlock):
                              f"{shape.dim}")
         self.dim = shape.dim // 2 if self.separate else shape.dim
         self.generation = FeatureGeneration(shape.num_fields, self.dim, config.channels, config.kernel_heights,
-                                            config.pooling_sizes, config.recombined_maps)
+                                            config.pooling_sizes, config.recombined_maps,
+                                            batch_norm=config.generation_batch_norm)
         total = shape.num_fields + self.generation.num_generated
         rows, cols = torch.triu_indices(total, total, offset=1)
         self.register_buffer("rows", rows, persistent=False)

@@ -30,15 +30,20 @@ class FeatureGeneration(nn.Module):
     """Generates new field vectors from the embedding matrix ``[B, F, D]`` (Liu et al. 2019, Sec. 3.1).
 
     Block ``i`` convolves with ``channels[i]`` kernels of shape ``(kernel_heights[i], 1)`` (along the field axis,
-    per embedding dimension, height kept with "same" padding), applies tanh and max-pools ``(pooling_sizes[i], 1)``
-    with ceil mode (eq. 1-3). Its pooled maps ``[B, C_i, h_i, D]`` feed both the next block and a recombination
+    per embedding dimension, height kept with "same" padding), optionally batch-normalises each kernel's map
+    (``batch_norm``), applies tanh and max-pools ``(pooling_sizes[i], 1)`` with ceil mode (eq. 1-3). Its pooled maps ``[B, C_i, h_i, D]`` feed both the next block and a recombination
     layer, a fully connected layer + tanh that outputs ``recombined_maps[i]`` maps of the same shape ``h_i × D``,
     i.e. ``h_i · recombined_maps[i]`` new fields of width ``D`` (eq. 4). The output is the concatenation of the new
     fields of every block, ``[B, F_new, D]`` with ``F_new = Σ_i h_i · recombined_maps[i]``.
+
+    Batch norm is not in the paper's equations but is what reference implementations (FuxiCTR, used for the BARS
+    benchmark) do, and it matters when embeddings are small (strong embedding L2, init std 1e-4): without it the
+    convolution outputs, hence the generated fields, are as tiny as the embeddings, and the classifier behaves
+    like a linear model for many epochs before interactions emerge.
     """
 
     def __init__(self, num_fields: int, dim: int, channels: list[int], kernel_heights: list[int],
-                 pooling_sizes: list[int], recombined_maps: list[int]) -> None:
+                 pooling_sizes: list[int], recombined_maps: list[int], batch_norm: bool = True) -> None:
         super().__init__()
         if not (len(channels) == len(kernel_heights) == len(pooling_sizes) == len(recombined_maps)):
             raise ValueError("channels, kernel_heights, pooling_sizes and recombined_maps must have the same length")
@@ -51,6 +56,7 @@ class FeatureGeneration(nn.Module):
                                                             recombined_maps, heights, strict=True):
             self.convs.append(nn.Sequential(
                 nn.Conv2d(in_channels, out_channels, kernel_size=(kernel, 1), padding="same"),
+                *([nn.BatchNorm2d(out_channels)] if batch_norm else []),
                 nn.Tanh(),
                 nn.MaxPool2d(kernel_size=(pool, 1), ceil_mode=True),
             ))
