@@ -88,7 +88,11 @@ def _recipe(suite: str, block: str, seed: int, out: Path, synthetic_rows: int) -
 
 
 def _settings_key(recipe: dict[str, Any]) -> str:
-    """A digest of what decides a run's result except its seed and paths: runs with equal keys can be averaged."""
+    """A digest of what decides a run's result except its seed and paths: runs with equal keys can be averaged.
+
+    It digests the recipe file as written, not the validated recipe with its defaults filled in (so saved keys stay
+    valid when the schema gains a field): a recipe must spell out a setting whose code default changed, as
+    recipes/frappe_fgcnn.yaml does with ``generation_batch_norm``."""
     kept = {k: v for k, v in recipe.items() if k not in ("name", "seed", "output_dir")}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
