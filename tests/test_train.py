@@ -237,4 +237,3 @@ def test_sigterm_ends_a_cli_run_cleanly_keeping_its_resumable_state(tmp_path: Pa
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
     assert len(torch.load(state_path(out), weights_only=True)["history"]) >= 1  # whole and readable
-

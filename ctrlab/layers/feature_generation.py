@@ -31,10 +31,11 @@ class FeatureGeneration(nn.Module):
 
     Block ``i`` convolves with ``channels[i]`` kernels of shape ``(kernel_heights[i], 1)`` (along the field axis,
     per embedding dimension, height kept with "same" padding), optionally batch-normalises each kernel's map
-    (``batch_norm``), applies tanh and max-pools ``(pooling_sizes[i], 1)`` with ceil mode (eq. 1-3). Its pooled maps ``[B, C_i, h_i, D]`` feed both the next block and a recombination
-    layer, a fully connected layer + tanh that outputs ``recombined_maps[i]`` maps of the same shape ``h_i × D``,
-    i.e. ``h_i · recombined_maps[i]`` new fields of width ``D`` (eq. 4). The output is the concatenation of the new
-    fields of every block, ``[B, F_new, D]`` with ``F_new = Σ_i h_i · recombined_maps[i]``.
+    (``batch_norm``), applies tanh and max-pools ``(pooling_sizes[i], 1)`` with ceil mode (eq. 1-3). Its pooled
+    maps ``[B, C_i, h_i, D]`` feed both the next block and a recombination layer, a fully connected layer + tanh
+    that outputs ``recombined_maps[i]`` maps of the same shape ``h_i × D``, i.e. ``h_i · recombined_maps[i]`` new
+    fields of width ``D`` (eq. 4). The output is the concatenation of the new fields of every block,
+    ``[B, F_new, D]`` with ``F_new = Σ_i h_i · recombined_maps[i]``.
 
     Batch norm is not in the paper's equations but is what reference implementations (FuxiCTR, used for the BARS
     benchmark) do, and it matters when embeddings are small (strong embedding L2, init std 1e-4): without it the
