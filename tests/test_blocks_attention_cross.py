@@ -145,7 +145,9 @@ def _naive_interacting(layer: InteractingLayer, e: torch.Tensor) -> torch.Tensor
                     psi = psi / math.sqrt(d)
                 alpha = torch.exp(psi) / torch.exp(psi).sum()
                 out[n, m, rows] = sum(alpha[k] * (wv @ e[n, k]) for k in range(f))
-    if layer.residual is not None:
+    if isinstance(layer.residual, torch.nn.Identity):
+        out = out + e
+    elif layer.residual is not None:
         out = out + torch.einsum("ij,bfj->bfi", layer.residual.weight, e)
     if layer.norm is not None:
         mean, var = out.mean(-1, keepdim=True), out.var(-1, unbiased=False, keepdim=True)
@@ -170,6 +172,68 @@ def test_interacting_layer_matches_a_naive_per_head_loop(options: dict) -> None:
         out = layer(e)
         torch.testing.assert_close(out, _naive_interacting(layer, e))
     assert out.shape == (2, 4, 6) and layer.last_attention.shape == (2, 3, 4, 4)
+
+
+def test_width_change_residual_projects_only_where_the_width_changes() -> None:
+    torch.manual_seed(2)
+    first = InteractingLayer(3, 6, 2, residual_projection="width_change").double()
+    later = InteractingLayer(6, 6, 2, residual_projection="width_change").double()
+    paper = InteractingLayer(6, 6, 2)  # every_layer: W_Res in every layer, as eq. 8
+    assert isinstance(first.residual, torch.nn.Linear) and isinstance(later.residual, torch.nn.Identity)
+    assert isinstance(paper.residual, torch.nn.Linear)
+    # an identity skip saves the 6 x 6 W_Res matrix
+    assert sum(p.numel() for p in paper.parameters()) - sum(p.numel() for p in later.parameters()) == 36
+    e = torch.randn(2, 4, 3, dtype=torch.float64)
+    with torch.no_grad():
+        hidden = first(e)
+        out = later(hidden)
+        torch.testing.assert_close(out, _naive_interacting(later, hidden))
+        torch.testing.assert_close(out, torch.relu(_attention_only(later, hidden) + hidden))  # identity skip
+
+
+def _attention_only(layer: InteractingLayer, e: torch.Tensor) -> torch.Tensor:
+    """The concatenated heads (eq. 5–7) without the skip or the ReLU."""
+    q, k, v = (layer._split(proj(e)) for proj in (layer.query, layer.key, layer.value))
+    heads = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+    return heads.transpose(1, 2).reshape(e.shape[0], e.shape[1], layer.out_dim)
+
+
+def test_bars_autoint_settings_give_the_bars_parameter_count() -> None:
+    """BARS's AutoInt_frappe_x1 log reports 306,051 parameters: 10 fields of Frappe's 5,389 embedding rows (53,890
+    floats) plus 252,161 in the attention stack and output; W_Res in every layer would add 5 x 128 x 128."""
+    frappe = FeatureLayout(tuple(FieldSpec(f"f{i}", "categorical", 10, f"f{i}") for i in range(10)))
+    config = BLOCKS.get("autoint").config(layers=6, heads=4, attention_dim=128, residual_projection="width_change")
+    block = BLOCKS.build(config, BlockInput(frappe, 10))
+    assert sum(p.numel() for p in block.parameters()) == 252_161
+    paper = BLOCKS.build(config.model_copy(update={"residual_projection": "every_layer"}), BlockInput(frappe, 10))
+    assert sum(p.numel() for p in paper.parameters()) == 252_161 + 5 * 128 * 128
+
+
+@pytest.mark.parametrize("block", sorted(SMALL))
+def test_xavier_dense_init_resets_every_linear_layer(block: str) -> None:
+    torch.manual_seed(0)
+    config = BLOCKS.get(block).config(**SMALL[block], dense_init="xavier_normal")
+    model = build_model(EMBEDDINGS.get("per_field").config(dim=4, init_std=0.1), config, LAYOUT)
+    linears = [m for m in model.block.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears
+    for linear in linears:
+        assert linear.bias is None or torch.all(linear.bias == 0)
+    torch.manual_seed(0)
+    default = build_model(EMBEDDINGS.get("per_field").config(dim=4, init_std=0.1),
+                          config.model_copy(update={"dense_init": "torch_default"}), LAYOUT)
+    assert any(m.bias is not None and torch.any(m.bias != 0) for m in default.block.modules()
+               if isinstance(m, torch.nn.Linear))
+
+
+def test_xavier_dense_init_draws_weights_at_the_xavier_scale() -> None:
+    torch.manual_seed(0)
+    config = BLOCKS.get("autoint").config(layers=2, heads=4, attention_dim=256)
+    block = BLOCKS.build(config, BlockInput(LAYOUT, 4))  # built with PyTorch's default; build_model resets it
+    block.reset_dense_parameters("xavier_normal")
+    weight = block.attention[1].query.weight  # 256 x 256: std sqrt(2 / (256 + 256)) = 0.0625
+    assert abs(weight.std().item() - 0.0625) < 0.002
+    default_std = BLOCKS.build(config, BlockInput(LAYOUT, 4)).attention[1].query.weight.std().item()
+    assert abs(default_std - 1 / math.sqrt(3 * 256)) < 0.002  # Kaiming-uniform bound 1/sqrt(fan_in)
 
 
 def test_interacting_layer_rejects_uneven_heads() -> None:

@@ -147,6 +147,9 @@ def test_output_bias_one_starts_the_attention_from_plain_pooling() -> None:
     torch.testing.assert_close(pooled[1], behaviours[1].mean(dim=0))
     din = _model("din", attention_output_bias=1.0)  # the block passes the recipe key to its activation unit
     assert torch.all(din.block.attention.unit.net[-1].bias == 1.0)
+    xavier = _model("din", attention_output_bias=1.0, dense_init="xavier_normal")  # zeroes other biases, not it
+    assert torch.all(xavier.block.attention.unit.net[-1].bias == 1.0)
+    assert torch.all(xavier.block.attention.unit.net[0].bias == 0.0)
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -22,6 +22,9 @@ class _AttentionSettings(BlockConfigBase):
     heads: int = Field(2, ge=1, description="attention heads per layer")
     attention_dim: int = Field(40, ge=1, description="output width of a layer, summed over its heads")
     residual: bool = Field(True, description="residual connection with its own projection W_Res (eq. 8)")
+    residual_projection: Literal["every_layer", "width_change"] = Field(
+        "every_layer", description="every_layer: W_Res in every layer (the paper, eq. 8); width_change: only in "
+        "layers that change the width, an identity skip elsewhere (FuxiCTR's layer, as in the BARS runs)")
     layer_norm: bool = Field(False, description="layer norm before each layer's ReLU")
     scaled: bool = Field(False, description="divide <q, k> by sqrt(head width); the paper uses the plain product")
 
@@ -56,7 +59,8 @@ class AutoIntBlock(InteractionBlock):
         width = shape.dim
         for _ in range(config.layers):
             layers.append(InteractingLayer(width, config.attention_dim, config.heads, residual=config.residual,
-                                           layer_norm=config.layer_norm, scaled=config.scaled))
+                                           layer_norm=config.layer_norm, scaled=config.scaled,
+                                           residual_projection=config.residual_projection))
             width = config.attention_dim
         self.attention = nn.ModuleList(layers)
         self.output = nn.Linear(shape.num_fields * width, 1)

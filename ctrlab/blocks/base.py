@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -20,6 +21,9 @@ class BlockConfigBase(Section):
     """
 
     linear: bool = Field(False, description="add a first-order (logistic-regression) term")
+    dense_init: Literal["torch_default", "xavier_normal"] = Field(
+        "torch_default", description="initial weights of the block's linear layers: PyTorch's default "
+        "(Kaiming-uniform), or Xavier-normal weights with zero biases (FuxiCTR's, the BARS benchmark runs')")
 
 
 @dataclass(frozen=True)
@@ -46,3 +50,14 @@ class InteractionBlock(nn.Module):
 
     def forward(self, embedded: EmbeddingOutput) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def reset_dense_parameters(self, scheme: str) -> None:
+        """Re-initialise every ``nn.Linear`` of the block by ``scheme`` (a ``dense_init`` value). Blocks that set
+        a deliberate initial value (DIN's attention output bias) override this to restore it afterwards."""
+        if scheme == "torch_default":
+            return
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_normal_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)

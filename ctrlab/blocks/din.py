@@ -147,6 +147,11 @@ class HistoryMLPBlock(InteractionBlock):
                                               config.attention_output_bias)
         self.mlp = deep_mlp(shape.num_fields * shape.dim, config.mlp, out_dim=1, activation=config.mlp_activation)
 
+    def reset_dense_parameters(self, scheme: str) -> None:
+        super().reset_dense_parameters(scheme)
+        if self.attention is not None:
+            self.attention.unit.reset_output_bias()
+
     def behaviours(self, embedded: EmbeddingOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """The behaviour vectors ``e_j = [h_1,j; …; h_k,j]`` ``[B, L, k·D]`` and the first history's mask ``[B, L]``."""
         vectors = [embedded.sequences[name][0] for name in self.histories]

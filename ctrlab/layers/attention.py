@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
@@ -17,6 +19,9 @@ class InteractingLayer(nn.Module):
     * eq. 6: ẽ^(h)_m = Σ_k α^(h)_{m,k} W_V e_k;
     * eq. 7: ẽ_m = ẽ^(1)_m ⊕ … ⊕ ẽ^(H)_m (heads concatenated);
     * eq. 8: e^Res_m = ReLU(ẽ_m + W_Res e_m) with its own projection W_Res (``residual``; without it ReLU(ẽ_m)).
+      With ``residual_projection="width_change"`` W_Res exists only where the layer changes the width
+      (``in_dim != attention_dim``) and the skip is the identity elsewhere, ReLU(ẽ_m + e_m): FuxiCTR's layer, which
+      the BARS benchmark runs use (the paper and its authors' code project in every layer).
 
     ``layer_norm`` normalises ẽ_m + W_Res e_m before the ReLU (an option of FuxiCTR's implementation, not in the
     paper). With ``keep_attention`` the last forward's weights α are kept in :attr:`last_attention`
@@ -32,6 +37,7 @@ class InteractingLayer(nn.Module):
         residual: bool = True,
         layer_norm: bool = False,
         scaled: bool = False,
+        residual_projection: Literal["every_layer", "width_change"] = "every_layer",
     ) -> None:
         super().__init__()
         if heads < 1 or attention_dim % heads:
@@ -44,7 +50,10 @@ class InteractingLayer(nn.Module):
         self.query = nn.Linear(in_dim, attention_dim, bias=False)
         self.key = nn.Linear(in_dim, attention_dim, bias=False)
         self.value = nn.Linear(in_dim, attention_dim, bias=False)
-        self.residual = nn.Linear(in_dim, attention_dim, bias=False) if residual else None
+        project = residual_projection == "every_layer" or in_dim != attention_dim
+        self.residual: nn.Module | None = None
+        if residual:
+            self.residual = nn.Linear(in_dim, attention_dim, bias=False) if project else nn.Identity()
         self.norm = nn.LayerNorm(attention_dim) if layer_norm else None
         self.keep_attention = False
         self.last_attention: torch.Tensor | None = None

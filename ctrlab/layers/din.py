@@ -82,9 +82,14 @@ class LocalActivationUnit(nn.Module):
                  output_bias: float = 0.0) -> None:
         super().__init__()
         self.net = deep_mlp(4 * dim, MLPConfig(hidden=list(hidden)), out_dim=1, activation=activation)
+        self.output_bias = output_bias
+        self.reset_output_bias()
+
+    def reset_output_bias(self) -> None:
+        """Set the network's output bias to ``output_bias`` (again, after a block-wide re-initialisation)."""
         output = self.net[-1]
         assert isinstance(output, nn.Linear)
-        nn.init.constant_(output.bias, output_bias)
+        nn.init.constant_(output.bias, self.output_bias)
 
     def forward(self, behaviours: torch.Tensor, candidate: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``behaviours [B, L, D]``, ``candidate [B, D]``, ``mask [B, L]`` (True = real) -> weights ``[B, L]``."""

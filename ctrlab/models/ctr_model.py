@@ -60,4 +60,5 @@ def build_model(embedding_config: Any, model_config: Any, layout: FeatureLayout,
         embedding_config = embedding_config.model_copy(update={"dim": width})
     embedding = (main_embedding or EMBEDDINGS.build)(embedding_config, layout)
     block = BLOCKS.build(model_config, BlockInput(layout, embedding.dim))
+    block.reset_dense_parameters(model_config.dense_init)
     return CTRModel(embedding, block, linear)
