@@ -50,7 +50,7 @@ from ctrlab.models import build_model
 from ctrlab.train.run import seed_everything, train_recipe
 from ctrlab.train.trainer import Trainer
 from ctrlab.utils.io import write_json_atomic
-from ctrlab.utils.signals import Terminated, sigterm_raises
+from ctrlab.utils.signals import run_terminable
 
 REPO = Path(__file__).resolve().parents[1]
 # BARS frappe_x1 test AUC of each model (FGCNN has no x1 figure there: held to DeepFM's).
@@ -233,9 +233,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        with sigterm_raises():  # a killed seed leaves its resumable state, not a half-built output directory
-            main()
-    except Terminated:
-        print("terminated; finished seeds are saved and a resumable run continues when started again")
-        raise SystemExit(143) from None
+    # a killed run leaves its resumable state, not a half-built output directory
+    run_terminable(main, "terminated; finished runs are saved and a resumable run continues when started again")

@@ -35,7 +35,7 @@ from rich.console import Console
 
 from ctrlab.config.loader import read_recipe_file, validate_recipe
 from ctrlab.train.run import train_recipe
-from ctrlab.utils.signals import Terminated, sigterm_raises
+from ctrlab.utils.signals import run_terminable
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = ("frappe", "synthetic_large")
@@ -243,9 +243,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        with sigterm_raises():  # a killed seed leaves its resumable state, not a half-built output directory
-            main()
-    except Terminated:
-        print("terminated; finished seeds are saved and a resumable run continues when started again")
-        raise SystemExit(143) from None
+    # a killed run leaves its resumable state, not a half-built output directory
+    run_terminable(main, "terminated; finished runs are saved and a resumable run continues when started again")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
@@ -32,3 +32,14 @@ def sigterm_raises() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def run_terminable(main: Callable[[], object], message: str) -> None:
+    """Run a script's ``main`` with SIGTERM raising :class:`Terminated`; on termination print ``message`` (one line,
+    no traceback) and exit with 143, the shell's code for a SIGTERM-ended process."""
+    try:
+        with sigterm_raises():
+            main()
+    except Terminated:
+        print(message)
+        raise SystemExit(143) from None
