@@ -137,6 +137,30 @@ def test_budget_pruning_by_hand() -> None:
     assert prune_by_budget(alpha, rows, 0.5, per_parameter=True) == ([0, 2, 2], 12)
 
 
+def test_min_dim_is_paid_for_first_then_the_budget_is_filled_greedily_by_hand() -> None:
+    alpha = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.5, 0.05]])
+    rows = [10, 1, 5]
+    # budget 0.5 of 32 = 16 floats. Without min_dim unit 2 loses every dimension: ([1, 2, 0], 12) as above.
+    # With min_dim 1 the three reserved dimensions cost 16 and unit 1's 0.7 (1 more) no longer fits.
+    assert prune_by_budget(alpha, rows, 0.5, min_dim=1) == ([1, 1, 1], 16)
+    # budget 0.75 (24 floats): 16 reserved, 0.7 (1) fits, 0.1 (10) would make 27, 0.05 (5) makes 22
+    assert prune_by_budget(alpha, rows, 0.75, min_dim=1) == ([1, 2, 2], 22)
+    with pytest.raises(ValueError, match="min_dim 2 needs 32 floats, more than the budget's 16"):
+        prune_by_budget(alpha, rows, 0.5, min_dim=2)
+    assert prune_by_threshold(alpha, 0.9) == [1, 0, 0]  # |alpha| >= 0.81
+    assert prune_by_threshold(alpha, 0.9, min_dim=1) == [1, 1, 1]
+    assert prune_by_threshold(alpha, 0.9, min_dim=5) == [2, 2, 2]  # capped at the width
+
+
+def test_a_min_dim_the_budget_cannot_pay_for_is_a_recipe_error_naming_the_key() -> None:
+    units = EmbeddingUnits(("a", "b"), (10, 6), 2, (0, 1), ())
+    config = EMBEDDINGS.get("dnis").config(dim=4, budget=0.25, min_dim=2)  # 2 x 16 rows > 0.25 x 64
+    with pytest.raises(RecipeError, match=r"embedding\.min_dim: min_dim 2 needs 32 floats, more than the budget's 16"):
+        architecture_from_significance(torch.ones(2, 4), units, config)
+    ok = architecture_from_significance(torch.ones(2, 4), units, config.model_copy(update={"min_dim": 1}))
+    assert ok.kept_parameters(units) == 16
+
+
 def test_effective_significance_weighs_alpha_by_the_blocks_root_mean_square_weights() -> None:
     units = EmbeddingUnits.from_layout(LAYOUT)  # 15 rows: item 9, user 5, x 1
     blocks = FrequencyBlocks.from_counts(units, torch.arange(15, 0, -1), 2)  # item rows 0-4 | 5-8, user 0-2 | 3-4

@@ -46,6 +46,10 @@ class DNISConfig(SearchableEmbeddingConfig):
     the weights and ``α`` can trade scale, and an embedding L2 shrinks rows of rare values towards 0 whatever their
     ``α``, so ``|α|`` alone can rank a dimension the network barely receives above one it uses (not in the paper).
 
+    ``min_dim`` keeps at least that many of every block's most significant dimensions whatever the rule (under a
+    budget they are paid for first): the paper's pruning can drop a field entirely, and a field of a few values
+    costs almost nothing to keep (not in the paper).
+
     Set one of ``threshold`` and ``budget``; with neither, ``budget`` is 0.5.
     """
 
@@ -71,6 +75,8 @@ class DNISConfig(SearchableEmbeddingConfig):
     budget_order: Literal["significance", "per_parameter"] = Field(
         "significance", description="with a budget, keep (block, dimension) pairs by decreasing significance, or "
                                     "by significance per stored float (a block of few rows is cheap to keep)")
+    min_dim: int = Field(0, ge=0, description="dimensions every block keeps whatever the rule (its most "
+                                              "significant ones; under a budget they are paid for first)")
     threshold: float | None = Field(None, gt=0, le=1, description="keep the (field, dimension) units whose |alpha| "
                                                                   "is at least this fraction of the largest |alpha|")
     budget: float | None = Field(None, gt=0, le=1, description="fraction of the full table's parameters to keep: "

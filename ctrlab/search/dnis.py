@@ -44,7 +44,7 @@ from ctrlab.embeddings.dnis import (
     training_row_counts,
 )
 from ctrlab.embeddings.mixed_dim import EmbeddingArchitecture, EmbeddingUnits
-from ctrlab.errors import DataError
+from ctrlab.errors import DataError, RecipeError
 from ctrlab.models.ctr_model import CTRModel
 from ctrlab.search.embedding_search import SearchContext, SearchOutcome
 from ctrlab.train.device import autocast
@@ -142,31 +142,41 @@ def rank_dimensions(significance: torch.Tensor) -> list[list[int]]:
     return out
 
 
-def prune_by_threshold(significance: torch.Tensor, threshold: float) -> list[int]:
-    """Kept dimensions per unit: the (unit, dimension) pairs with ``|α| ≥ threshold · max |α|``."""
+def prune_by_threshold(significance: torch.Tensor, threshold: float, min_dim: int = 0) -> list[int]:
+    """Kept dimensions per unit: the (unit, dimension) pairs with ``|α| ≥ threshold · max |α|``, at least
+    ``min_dim`` (capped at the width) per unit."""
     values = significance.abs()
     cut = threshold * float(values.max()) if values.numel() else 0.0
-    return [int(n) for n in (values >= cut).sum(dim=1).tolist()]
+    floor = min(min_dim, int(values.shape[1]))
+    return [max(int(n), floor) for n in (values >= cut).sum(dim=1).tolist()]
 
 
-def prune_by_budget(significance: torch.Tensor, rows: list[int], budget: float, per_parameter: bool = False
-                    ) -> tuple[list[int], int]:
-    """Kept dimensions per unit (or block) under a parameter budget: ``floor(budget · Σ rows · D)`` floats. The
-    (unit, dimension) pairs are taken greedily by decreasing significance, or with ``per_parameter`` by decreasing
-    significance per float (significance / the unit's rows: the greedy rule for the knapsack of keeping the most
-    significance within the budget), each costing its unit's rows; a pair that does not fit is skipped (and so is
-    every less significant pair of its unit, which costs as much). Returns the dims and the floats they use, which
-    never exceed the budget."""
+def prune_by_budget(significance: torch.Tensor, rows: list[int], budget: float, per_parameter: bool = False,
+                    min_dim: int = 0) -> tuple[list[int], int]:
+    """Kept dimensions per unit (or block) under a parameter budget: ``floor(budget · Σ rows · D)`` floats. Every
+    unit first gets ``min_dim`` dimensions (capped at the width; a budget too small for them is a ``ValueError``).
+    The remaining (unit, dimension) pairs are taken greedily by decreasing significance, or with ``per_parameter``
+    by decreasing significance per float (significance / the unit's rows: the greedy rule for the knapsack of keeping
+    the most significance within the budget), each costing its unit's rows; a pair that does not fit is skipped (and
+    so is every less significant pair of its unit, which costs as much). Returns the dims and the floats they use,
+    which never exceed the budget."""
     values = significance.abs()
     num_units, dim = values.shape
     allowed = math.floor(budget * sum(rows) * dim + 1e-9)
+    floor = min(min_dim, dim)
+    dims = [floor] * num_units
+    spent = floor * sum(rows)
+    if spent > allowed:
+        raise ValueError(f"min_dim {min_dim} needs {spent:,} floats, more than the budget's {allowed:,}")
     cost = [max(r, 1) if per_parameter else 1 for r in rows]
+    # a unit's pairs come out of the sort in its own order of significance, so its first `floor` are already paid
     pairs = sorted(((float(values[u, k]) / cost[u], u, k) for u in range(num_units) for k in range(dim)),
                    key=lambda p: (-p[0], p[1], p[2]))
-    dims = [0] * num_units
-    spent = 0
+    reserved = [floor] * num_units
     for _, unit, _ in pairs:
-        if spent + rows[unit] <= allowed:
+        if reserved[unit]:
+            reserved[unit] -= 1
+        elif spent + rows[unit] <= allowed:
             dims[unit] += 1
             spent += rows[unit]
     return dims, spent
@@ -175,9 +185,12 @@ def prune_by_budget(significance: torch.Tensor, rows: list[int], budget: float, 
 def block_dims(significance: torch.Tensor, blocks: FrequencyBlocks, config: DNISConfig) -> list[int]:
     """Kept dimensions per block by ``threshold`` or ``budget`` (a block costs its rows per dimension)."""
     if config.threshold is not None:
-        return prune_by_threshold(significance, config.threshold)
-    dims, _ = prune_by_budget(significance, blocks.rows_per_block, float(config.budget),  # type: ignore[arg-type]
-                              per_parameter=config.budget_order == "per_parameter")
+        return prune_by_threshold(significance, config.threshold, config.min_dim)
+    try:
+        dims, _ = prune_by_budget(significance, blocks.rows_per_block, float(config.budget),  # type: ignore[arg-type]
+                                  per_parameter=config.budget_order == "per_parameter", min_dim=config.min_dim)
+    except ValueError as error:
+        raise RecipeError(f"embedding.min_dim: {error}") from None
     return dims
 
 
