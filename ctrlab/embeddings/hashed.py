@@ -5,18 +5,22 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import nn
 
 from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.layout import PADDING_ID, FeatureLayout
 from ctrlab.embeddings import EMBEDDINGS
-from ctrlab.embeddings.base import EmbeddingConfigBase, EmbeddingOutput, FeatureEmbedding
-from ctrlab.embeddings.hashing import budget_rows, check_one_size, hash_parameters, proportional_rows, universal_hash
-
-PADDING_ROW = 0
-"""Global row 0 of the hashed layers' tables: all zeros, never updated; every padding id (0) looks it up."""
+from ctrlab.embeddings.base import EmbeddingConfigBase
+from ctrlab.embeddings.hashing import (
+    PADDING_ROW,
+    HashedTableEmbedding,
+    budget_rows,
+    check_one_size,
+    hash_parameters,
+    proportional_rows,
+    universal_hash,
+)
 
 
 class HashedConfig(EmbeddingConfigBase):
@@ -44,7 +48,7 @@ class HashedConfig(EmbeddingConfigBase):
 
 
 @EMBEDDINGS.register("hashed", HashedConfig)
-class HashedEmbedding(FeatureEmbedding):
+class HashedEmbedding(HashedTableEmbedding):
     """The hashing trick (Weinberger et al. 2009, "Feature Hashing for Large Scale Multitask Learning"): every
     vocabulary table ``t`` (a sequence sharing a vocabulary shares its table and its hash function) gets ``R_t``
     rows and id ``x`` is embedded as row ``h_t(x) = ((a_t · x + b_t) mod P) mod R_t`` of it, a universal hash
@@ -97,9 +101,6 @@ class HashedEmbedding(FeatureEmbedding):
     def extra_repr(self) -> str:
         return f"rows={self.weight.shape[0]} (1 padding + {self.table_rows}), dim={self.dim}, sparse={self.sparse}"
 
-    def table_parameters(self) -> list[nn.Parameter]:
-        return [self.weight]
-
     @staticmethod
     def _rows(ids: torch.Tensor, hash_: torch.Tensor) -> torch.Tensor:
         """Global rows of ``ids`` under the per-table constants ``hash_`` (``[4, ...]``, broadcast against ids);
@@ -114,33 +115,4 @@ class HashedEmbedding(FeatureEmbedding):
         return self._rows(batch.sequences[name], self.table_hash[:, self.sequence_tables[name]])
 
     def _lookup(self, rows: torch.Tensor) -> torch.Tensor:
-        return F.embedding(rows, self.weight, padding_idx=PADDING_ROW, sparse=self.sparse)
-
-    def forward(self, batch: FeatureBatch) -> EmbeddingOutput:
-        parts: list[torch.Tensor] = []
-        if self.layout.categorical:
-            parts.append(self._lookup(self._categorical_rows(batch)))
-        if self.layout.numeric:
-            parts.append(batch.numeric.unsqueeze(-1) * self.numeric_weight)
-        sequences: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for spec in self.layout.sequence:
-            mask = batch.sequences[spec.name] != PADDING_ID
-            vectors = self._lookup(self._sequence_rows(batch, spec.name)) * mask.unsqueeze(-1)
-            sequences[spec.name] = (vectors, mask)
-        return EmbeddingOutput.assemble(self.layout, parts, sequences)
-
-    def row_ids(self, batch: FeatureBatch) -> torch.Tensor:
-        """The global rows of :attr:`weight` the batch looks up, one entry per lookup (repeats kept, padding
-        excluded): every categorical id and every sequence item."""
-        ids: list[torch.Tensor] = []
-        if self.layout.categorical:
-            ids.append(self._categorical_rows(batch)[batch.categorical != PADDING_ID])
-        for spec in self.layout.sequence:
-            ids.append(self._sequence_rows(batch, spec.name)[batch.sequences[spec.name] != PADDING_ID])
-        if not ids:
-            return torch.zeros(0, dtype=torch.long, device=self.weight.device)
-        return torch.cat(ids)
-
-    def lazy_l2(self, batch: FeatureBatch) -> torch.Tensor:
-        rows = torch.unique(self.row_ids(batch))
-        return 0.5 * self._lookup(rows).pow(2).sum()
+        return self._rows_embedding(rows)

@@ -24,9 +24,18 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctrlab.data.batches import FeatureBatch
+from ctrlab.data.layout import PADDING_ID, FeatureLayout
+from ctrlab.embeddings.base import EmbeddingOutput, FeatureEmbedding
 
 MERSENNE_PRIME = (1 << 31) - 1
 """P of the universal family: ids are reduced modulo P first, so any int64 id is accepted."""
+
+PADDING_ROW = 0
+"""Row 0 of a hashed layer's table: all zeros, never updated; every padding id (0) looks it up."""
 
 _MASK64 = (1 << 64) - 1
 _DOMAIN = 0x6374726C61622D68  # "ctrlab-h": separates these hash constants from any other use of splitmix64
@@ -104,3 +113,67 @@ def check_one_size(budget: float | None, rows: int | None) -> None:
     if budget is not None and rows is not None:
         raise ValueError(f"give either budget ({budget}) or rows ({rows}), not both: budget is a fraction of the "
                          "full tables, rows an explicit row count")
+
+
+class HashedTableEmbedding(FeatureEmbedding):
+    """What the hashing trick and Unified Embedding share: ids reach the rows of one table :attr:`weight` through
+    hash functions instead of a vocabulary, with row :data:`PADDING_ROW` an all-zero row (the lookup's
+    ``padding_idx``, so it never gets a gradient) for every padding id.
+
+    Subclasses build :attr:`weight` and :attr:`numeric_weight` and say which rows an id probes
+    (:meth:`_categorical_rows`, :meth:`_sequence_rows`: ``[...]`` for one probe or ``[..., k]`` for k) and how the
+    looked-up rows become a ``dim``-wide vector (:meth:`_lookup`). Numeric fields get a learned vector scaled by
+    their value and sequences are pooled over their real items, as in ``per_field``.
+    """
+
+    layout: FeatureLayout
+    dim: int
+    sparse: bool
+    weight: nn.Parameter
+    numeric_weight: nn.Parameter
+
+    def _categorical_rows(self, batch: FeatureBatch) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _sequence_rows(self, batch: FeatureBatch, name: str) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _lookup(self, rows: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _rows_embedding(self, rows: torch.Tensor) -> torch.Tensor:
+        """The table rows ``rows`` themselves, ``[..., chunk]`` (padding row zero, without gradient)."""
+        return F.embedding(rows, self.weight, padding_idx=PADDING_ROW, sparse=self.sparse)
+
+    def table_parameters(self) -> list[nn.Parameter]:
+        return [self.weight]
+
+    def forward(self, batch: FeatureBatch) -> EmbeddingOutput:
+        parts: list[torch.Tensor] = []
+        if self.layout.categorical:
+            parts.append(self._lookup(self._categorical_rows(batch)))
+        if self.layout.numeric:
+            parts.append(batch.numeric.unsqueeze(-1) * self.numeric_weight)
+        sequences: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for spec in self.layout.sequence:
+            mask = batch.sequences[spec.name] != PADDING_ID
+            vectors = self._lookup(self._sequence_rows(batch, spec.name)) * mask.unsqueeze(-1)
+            sequences[spec.name] = (vectors, mask)
+        return EmbeddingOutput.assemble(self.layout, parts, sequences)
+
+    def row_ids(self, batch: FeatureBatch) -> torch.Tensor:
+        """The rows of :attr:`weight` the batch looks up, one entry per probe (repeats kept, padding excluded):
+        every categorical id and every sequence item."""
+        ids: list[torch.Tensor] = []
+        if self.layout.categorical:
+            ids.append(self._categorical_rows(batch)[batch.categorical != PADDING_ID].reshape(-1))
+        for spec in self.layout.sequence:
+            real = batch.sequences[spec.name] != PADDING_ID
+            ids.append(self._sequence_rows(batch, spec.name)[real].reshape(-1))
+        if not ids:
+            return torch.zeros(0, dtype=torch.long, device=self.weight.device)
+        return torch.cat(ids)
+
+    def lazy_l2(self, batch: FeatureBatch) -> torch.Tensor:
+        rows = torch.unique(self.row_ids(batch))
+        return 0.5 * self._rows_embedding(rows).pow(2).sum()

@@ -92,8 +92,28 @@ class EmbeddingUnits:
         except ValueError:
             raise ValueError(f"unknown embedding unit {name!r}; units: {', '.join(self.names)}") from None
 
+    def register_offsets(self, module: nn.Module) -> None:
+        """Give ``module`` the (non-persistent, derived from the layout) buffers ``flat_offsets`` (first row of each
+        flat field's unit) and ``unit_starts`` (first row of every unit) that lookups into the full table use."""
+        offsets = self.offsets
+        module.register_buffer("flat_offsets", torch.tensor([offsets[u] for u in self.flat_units], dtype=torch.long),
+                               persistent=False)
+        module.register_buffer("unit_starts", torch.tensor(offsets, dtype=torch.long), persistent=False)
+
     def is_table(self, unit: int) -> bool:
         return unit < self.num_tables
+
+
+def flat_row_ids(layout: FeatureLayout, batch: FeatureBatch, flat_offsets: torch.Tensor) -> torch.Tensor:
+    """``[B, Fc + Fn]`` rows of the full table for the non-sequence fields: each categorical id offset by its
+    unit's first row, then each numeric field's one row (its value scales the vector after the lookup)."""
+    num_cat, num_num = len(layout.categorical), len(layout.numeric)
+    ids = []
+    if num_cat:
+        ids.append(batch.categorical + flat_offsets[:num_cat])
+    if num_num:
+        ids.append(flat_offsets[num_cat:].expand(len(batch), num_num))
+    return ids[0] if len(ids) == 1 else torch.cat(ids, dim=1)
 
 
 def full_table_row_ids(layout: FeatureLayout, units: EmbeddingUnits, batch: FeatureBatch,
@@ -242,10 +262,7 @@ class MixedDimEmbedding(FeatureEmbedding):
         self.dim = dim if dim is not None else config.dim
         self.sparse = config.sparse
         self.units = EmbeddingUnits.from_layout(layout)
-        offsets = self.units.offsets
-        self.register_buffer("flat_offsets", torch.tensor([offsets[u] for u in self.units.flat_units],
-                                                          dtype=torch.long), persistent=False)
-        self.register_buffer("unit_starts", torch.tensor(offsets, dtype=torch.long), persistent=False)
+        self.units.register_offsets(self)
         self.register_buffer("dims", torch.full((len(self.units),), self.dim, dtype=torch.long))
         for i, rows in enumerate(self.units.rows):
             self.register_buffer(f"{REMAP_PREFIX}{i}", torch.zeros(rows, dtype=torch.int32))
@@ -492,12 +509,7 @@ class MixedDimEmbedding(FeatureEmbedding):
         num_cat, num_num = len(self.layout.categorical), len(self.layout.numeric)
         if num_cat + num_num == 0:
             return None
-        ids = []
-        if num_cat:
-            ids.append(batch.categorical + self.flat_offsets[:num_cat])
-        if num_num:
-            ids.append(self.flat_offsets[num_cat:].expand(len(batch), num_num))
-        rows = ids[0] if len(ids) == 1 else torch.cat(ids, dim=1)
+        rows = flat_row_ids(self.layout, batch, self.flat_offsets)
         if self._flat_rowwise:
             vectors = self._lookup_rows(rows)
         elif self._flat_single is not None:

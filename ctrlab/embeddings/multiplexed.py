@@ -5,18 +5,21 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import nn
 
 from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.layout import PADDING_ID, FeatureLayout
 from ctrlab.embeddings import EMBEDDINGS
-from ctrlab.embeddings.base import EmbeddingConfigBase, EmbeddingOutput, FeatureEmbedding
-from ctrlab.embeddings.hashing import budget_rows, check_one_size, hash_parameters, universal_hash
-
-PADDING_ROW = 0
-"""Row 0 of the shared table: all zeros, never updated; every probe of a padding id (0) looks it up."""
+from ctrlab.embeddings.base import EmbeddingConfigBase
+from ctrlab.embeddings.hashing import (
+    PADDING_ROW,
+    HashedTableEmbedding,
+    budget_rows,
+    check_one_size,
+    hash_parameters,
+    universal_hash,
+)
 
 
 class MultiplexedConfig(EmbeddingConfigBase):
@@ -60,7 +63,7 @@ def _check_chunk(dim: int | None, chunk_dim: int | None) -> None:
 
 
 @EMBEDDINGS.register("multiplexed", MultiplexedConfig)
-class MultiplexedEmbedding(FeatureEmbedding):
+class MultiplexedEmbedding(HashedTableEmbedding):
     """Unified Embedding / feature multiplexing (Coleman et al. 2023, "Unified Embedding: Battle-Tested Feature
     Representations for Web-Scale ML Systems"): all fields share ONE table ``W`` of ``R`` rows and ``c = chunk_dim``
     columns. Value ``x`` of a field whose vocabulary is table ``t`` is embedded as the concatenation of ``k = D / c``
@@ -122,9 +125,6 @@ class MultiplexedEmbedding(FeatureEmbedding):
         return (f"rows={self.rows} (+1 padding), chunk_dim={self.chunk_dim}, probes={self.probes}, dim={self.dim}, "
                 f"sparse={self.sparse}")
 
-    def table_parameters(self) -> list[nn.Parameter]:
-        return [self.weight]
-
     def _rows(self, ids: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Rows of the k probes of ``ids`` (``[..., k]``); ``a``, ``b`` broadcast against ``ids[..., None]``."""
         x = ids.unsqueeze(-1)
@@ -140,35 +140,4 @@ class MultiplexedEmbedding(FeatureEmbedding):
 
     def _lookup(self, rows: torch.Tensor) -> torch.Tensor:
         """``[..., k]`` rows -> ``[..., k · c]``: the k chunks side by side."""
-        out = F.embedding(rows, self.weight, padding_idx=PADDING_ROW, sparse=self.sparse)
-        return out.reshape(*rows.shape[:-1], self.dim)
-
-    def forward(self, batch: FeatureBatch) -> EmbeddingOutput:
-        parts: list[torch.Tensor] = []
-        if self.layout.categorical:
-            parts.append(self._lookup(self._categorical_rows(batch)))  # one lookup of [B, Fc·k] rows
-        if self.layout.numeric:
-            parts.append(batch.numeric.unsqueeze(-1) * self.numeric_weight)
-        sequences: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for spec in self.layout.sequence:
-            mask = batch.sequences[spec.name] != PADDING_ID
-            vectors = self._lookup(self._sequence_rows(batch, spec.name)) * mask.unsqueeze(-1)
-            sequences[spec.name] = (vectors, mask)
-        return EmbeddingOutput.assemble(self.layout, parts, sequences)
-
-    def row_ids(self, batch: FeatureBatch) -> torch.Tensor:
-        """The rows of :attr:`weight` the batch looks up, one entry per lookup (k per value; repeats kept, padding
-        excluded)."""
-        ids: list[torch.Tensor] = []
-        if self.layout.categorical:
-            ids.append(self._categorical_rows(batch)[batch.categorical != PADDING_ID].reshape(-1))
-        for spec in self.layout.sequence:
-            seq = batch.sequences[spec.name]
-            ids.append(self._sequence_rows(batch, spec.name)[seq != PADDING_ID].reshape(-1))
-        if not ids:
-            return torch.zeros(0, dtype=torch.long, device=self.weight.device)
-        return torch.cat(ids)
-
-    def lazy_l2(self, batch: FeatureBatch) -> torch.Tensor:
-        rows = torch.unique(self.row_ids(batch))
-        return 0.5 * F.embedding(rows, self.weight, padding_idx=PADDING_ROW, sparse=self.sparse).pow(2).sum()
+        return self._rows_embedding(rows).reshape(*rows.shape[:-1], self.dim)

@@ -36,6 +36,20 @@ class PerFieldConfig(EmbeddingConfigBase):
         return value
 
 
+def concatenated_row_ids(layout: FeatureLayout, batch: FeatureBatch, categorical_offsets: torch.Tensor,
+                         sequence_offsets: dict[str, int]) -> torch.Tensor:
+    """Rows of the vocabulary tables concatenated in layout order (the table of ``per_field``, plain or torchrec)
+    that ``batch`` looks up, one entry per lookup (repeats kept): every categorical id and every non-padding sequence
+    id. ``categorical_offsets``: each categorical field's table start; ``sequence_offsets``: each sequence's."""
+    ids = [(batch.categorical + categorical_offsets).reshape(-1)] if layout.categorical else []
+    for spec in layout.sequence:
+        seq = batch.sequences[spec.name]
+        ids.append((seq + sequence_offsets[spec.name])[seq > 0])
+    if not ids:
+        return torch.zeros(0, dtype=torch.long, device=categorical_offsets.device)
+    return torch.cat([i.long() for i in ids])
+
+
 @EMBEDDINGS.register("per_field", PerFieldConfig)
 def build_per_field(config: PerFieldConfig, layout: FeatureLayout, dim: int | None = None) -> FeatureEmbedding:
     """The per-field embedding of ``config.backend``: :class:`PerFieldEmbedding` (``plain``) or
@@ -99,13 +113,7 @@ class PerFieldEmbedding(FeatureEmbedding):
     def row_ids(self, batch: FeatureBatch) -> torch.Tensor:
         """The global rows of :attr:`weight` the batch looks up, one entry per lookup (repeats kept): every
         categorical id and every non-padding sequence id."""
-        ids = [(batch.categorical + self.categorical_offsets).reshape(-1)] if self.layout.categorical else []
-        for spec in self.layout.sequence:
-            seq = batch.sequences[spec.name]
-            ids.append((seq + self.sequence_offsets[spec.name])[seq > 0])
-        if not ids:
-            return torch.zeros(0, dtype=torch.long, device=self.weight.device)
-        return torch.cat([i.long() for i in ids])
+        return concatenated_row_ids(self.layout, batch, self.categorical_offsets, self.sequence_offsets)
 
     def lazy_l2(self, batch: FeatureBatch) -> torch.Tensor:
         rows = torch.unique(self.row_ids(batch))

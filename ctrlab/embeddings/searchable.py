@@ -18,7 +18,7 @@ from torch import nn
 from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.layout import FeatureLayout
 from ctrlab.embeddings.base import EmbeddingConfigBase, EmbeddingOutput, FeatureEmbedding
-from ctrlab.embeddings.mixed_dim import EmbeddingUnits, full_table_row_ids, init_table
+from ctrlab.embeddings.mixed_dim import EmbeddingUnits, flat_row_ids, full_table_row_ids, init_table
 
 
 class SearchableEmbeddingConfig(EmbeddingConfigBase):
@@ -96,12 +96,9 @@ class FullTableSearchEmbedding(FeatureEmbedding):
         self.dim = dim if dim is not None else config.dim
         self.sparse = config.sparse
         self.units = EmbeddingUnits.from_layout(layout)
-        offsets = self.units.offsets
         self.weight = nn.Parameter(init_table(self.units.total_rows, self.dim, config.init_std))
-        self.register_buffer("flat_offsets", torch.tensor([offsets[u] for u in self.units.flat_units],
-                                                          dtype=torch.long), persistent=False)
+        self.units.register_offsets(self)
         self.register_buffer("flat_units", torch.tensor(self.units.flat_units, dtype=torch.long), persistent=False)
-        self.register_buffer("unit_starts", torch.tensor(offsets, dtype=torch.long), persistent=False)
 
     def select(self, vectors: torch.Tensor, units: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Transform looked-up vectors ``[B, P, D]``; ``units`` (``[P]``, or ``[1]`` for one sequence's items)
@@ -122,12 +119,7 @@ class FullTableSearchEmbedding(FeatureEmbedding):
         parts: list[torch.Tensor] = []
         num_cat, num_num = len(self.layout.categorical), len(self.layout.numeric)
         if num_cat + num_num:
-            ids = []
-            if num_cat:
-                ids.append(batch.categorical + self.flat_offsets[:num_cat])
-            if num_num:
-                ids.append(self.flat_offsets[num_cat:].expand(len(batch), num_num))
-            flat_ids = ids[0] if len(ids) == 1 else torch.cat(ids, dim=1)
+            flat_ids = flat_row_ids(self.layout, batch, self.flat_offsets)
             vectors = self.select(F.embedding(flat_ids, self.weight, sparse=self.sparse), self.flat_units, flat_ids)
             if num_num:
                 vectors = torch.cat([vectors[:, :num_cat], vectors[:, num_cat:] * batch.numeric.unsqueeze(-1)], 1)

@@ -40,6 +40,7 @@ from torch import nn
 from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.layout import FeatureLayout
 from ctrlab.embeddings.base import EmbeddingOutput, FeatureEmbedding
+from ctrlab.embeddings.per_field import concatenated_row_ids
 from ctrlab.errors import RecipeError
 from ctrlab.layers.regularizers import mini_batch_aware_l2
 
@@ -210,13 +211,7 @@ class TorchrecEmbedding(FeatureEmbedding):
     def row_ids(self, batch: FeatureBatch) -> torch.Tensor:
         """Rows in ``plain``'s numbering (tables concatenated in layout order), one entry per lookup: every
         categorical id and every non-padding sequence id."""
-        ids = [(batch.categorical + self.categorical_offsets).reshape(-1)] if self.layout.categorical else []
-        for spec in self.layout.sequence:
-            seq = batch.sequences[spec.name]
-            ids.append((seq + self.sequence_offsets[spec.name])[seq > 0])
-        if not ids:
-            return torch.zeros(0, dtype=torch.long, device=self.numeric_weight.device)
-        return torch.cat([i.long() for i in ids])
+        return concatenated_row_ids(self.layout, batch, self.categorical_offsets, self.sequence_offsets)
 
     def _ids_by_table(self, batch: FeatureBatch) -> dict[str, torch.Tensor]:
         """Each table's row ids (local to the table) that the batch looks up; tables it does not touch left out."""
