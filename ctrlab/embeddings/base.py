@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -99,3 +100,18 @@ class FeatureEmbedding(nn.Module):
         """Parameters of an architecture search (pruning thresholds, significance weights) that the search
         optimises with its own optimiser: :func:`~ctrlab.train.optim.build_optimizers` leaves them out."""
         return []
+
+
+def concatenated_row_ids(layout: FeatureLayout, batch: FeatureBatch, categorical_offsets: torch.Tensor,
+                         sequence_offsets: Mapping[str, int | torch.Tensor]) -> torch.Tensor:
+    """Rows of a table that holds the vocabulary tables one after another (``per_field``, plain or torchrec, and
+    the full table of the mixed-dimension and search layers) that ``batch`` looks up, one entry per lookup (repeats
+    kept): every categorical id and every non-padding sequence id. ``categorical_offsets``: each categorical field's
+    first row; ``sequence_offsets``: each sequence's."""
+    ids = [(batch.categorical + categorical_offsets).reshape(-1)] if layout.categorical else []
+    for spec in layout.sequence:
+        seq = batch.sequences[spec.name]
+        ids.append((seq + sequence_offsets[spec.name])[seq > 0])
+    if not ids:
+        return torch.zeros(0, dtype=torch.long, device=categorical_offsets.device)
+    return torch.cat([i.long() for i in ids])

@@ -113,6 +113,3 @@ class HashedEmbedding(HashedTableEmbedding):
 
     def _sequence_rows(self, batch: FeatureBatch, name: str) -> torch.Tensor:
         return self._rows(batch.sequences[name], self.table_hash[:, self.sequence_tables[name]])
-
-    def _lookup(self, rows: torch.Tensor) -> torch.Tensor:
-        return self._rows_embedding(rows)

@@ -122,7 +122,7 @@ class HashedTableEmbedding(FeatureEmbedding):
 
     Subclasses build :attr:`weight` and :attr:`numeric_weight` and say which rows an id probes
     (:meth:`_categorical_rows`, :meth:`_sequence_rows`: ``[...]`` for one probe or ``[..., k]`` for k) and how the
-    looked-up rows become a ``dim``-wide vector (:meth:`_lookup`). Numeric fields get a learned vector scaled by
+    looked-up rows become a ``dim``-wide vector (:meth:`_lookup`, the rows themselves unless overridden). Numeric fields get a learned vector scaled by
     their value and sequences are pooled over their real items, as in ``per_field``.
     """
 
@@ -138,12 +138,13 @@ class HashedTableEmbedding(FeatureEmbedding):
     def _sequence_rows(self, batch: FeatureBatch, name: str) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def _lookup(self, rows: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
-
     def _rows_embedding(self, rows: torch.Tensor) -> torch.Tensor:
         """The table rows ``rows`` themselves, ``[..., chunk]`` (padding row zero, without gradient)."""
         return F.embedding(rows, self.weight, padding_idx=PADDING_ROW, sparse=self.sparse)
+
+    def _lookup(self, rows: torch.Tensor) -> torch.Tensor:
+        """Probed rows -> ``dim``-wide vectors; with one probe per value the rows are the vectors."""
+        return self._rows_embedding(rows)
 
     def table_parameters(self) -> list[nn.Parameter]:
         return [self.weight]

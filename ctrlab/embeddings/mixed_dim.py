@@ -28,7 +28,7 @@ from torch import nn
 
 from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.layout import FeatureLayout
-from ctrlab.embeddings.base import EmbeddingConfigBase, EmbeddingOutput, FeatureEmbedding
+from ctrlab.embeddings.base import EmbeddingConfigBase, EmbeddingOutput, FeatureEmbedding, concatenated_row_ids
 
 WEIGHT_PREFIX = "weight_"
 """Parameters ``weight_<w>``: the stored rows of every unit whose width is ``w``, ``[kept rows, w]``."""
@@ -122,14 +122,8 @@ def full_table_row_ids(layout: FeatureLayout, units: EmbeddingUnits, batch: Feat
     looks up, one entry per lookup (repeats kept): every categorical id and every non-padding sequence id (numeric
     vectors are not table rows). ``flat_offsets``: first row of each flat field's unit; ``unit_starts``: first row
     of every unit (:attr:`EmbeddingUnits.offsets` as tensors on the batch's device)."""
-    num_cat = len(layout.categorical)
-    ids = [(batch.categorical + flat_offsets[:num_cat]).reshape(-1)] if num_cat else []
-    for spec, unit in zip(layout.sequence, units.sequence_units):
-        seq = batch.sequences[spec.name]
-        ids.append((seq + unit_starts[unit])[seq > 0])
-    if not ids:
-        return torch.zeros(0, dtype=torch.long, device=unit_starts.device)
-    return torch.cat([i.long() for i in ids])
+    starts = {spec.name: unit_starts[unit] for spec, unit in zip(layout.sequence, units.sequence_units)}
+    return concatenated_row_ids(layout, batch, flat_offsets[:len(layout.categorical)], starts)
 
 
 @dataclass

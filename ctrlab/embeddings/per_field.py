@@ -13,7 +13,7 @@ from torch import nn
 from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.layout import FeatureLayout
 from ctrlab.embeddings import EMBEDDINGS
-from ctrlab.embeddings.base import EmbeddingConfigBase, EmbeddingOutput, FeatureEmbedding
+from ctrlab.embeddings.base import EmbeddingConfigBase, EmbeddingOutput, FeatureEmbedding, concatenated_row_ids
 
 
 class PerFieldConfig(EmbeddingConfigBase):
@@ -34,20 +34,6 @@ class PerFieldConfig(EmbeddingConfigBase):
             raise ValueError("backend 'torchrec' needs the torchrec package (see README, Installing); "
                              "use backend 'plain' or install torchrec")
         return value
-
-
-def concatenated_row_ids(layout: FeatureLayout, batch: FeatureBatch, categorical_offsets: torch.Tensor,
-                         sequence_offsets: dict[str, int]) -> torch.Tensor:
-    """Rows of the vocabulary tables concatenated in layout order (the table of ``per_field``, plain or torchrec)
-    that ``batch`` looks up, one entry per lookup (repeats kept): every categorical id and every non-padding sequence
-    id. ``categorical_offsets``: each categorical field's table start; ``sequence_offsets``: each sequence's."""
-    ids = [(batch.categorical + categorical_offsets).reshape(-1)] if layout.categorical else []
-    for spec in layout.sequence:
-        seq = batch.sequences[spec.name]
-        ids.append((seq + sequence_offsets[spec.name])[seq > 0])
-    if not ids:
-        return torch.zeros(0, dtype=torch.long, device=categorical_offsets.device)
-    return torch.cat([i.long() for i in ids])
 
 
 @EMBEDDINGS.register("per_field", PerFieldConfig)

@@ -39,8 +39,7 @@ from torch import nn
 
 from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.layout import FeatureLayout
-from ctrlab.embeddings.base import EmbeddingOutput, FeatureEmbedding
-from ctrlab.embeddings.per_field import concatenated_row_ids
+from ctrlab.embeddings.base import EmbeddingOutput, FeatureEmbedding, concatenated_row_ids
 from ctrlab.errors import RecipeError
 from ctrlab.layers.regularizers import mini_batch_aware_l2
 
