@@ -19,7 +19,7 @@ from ctrlab.utils.signals import Terminated, sigterm_raises
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-    help="CTR prediction from YAML recipes: train, validate, inspect datasets.",
+    help="CTR prediction from YAML recipes: train, sweep, rank features, register, serve, inspect datasets.",
 )
 datasets_app = typer.Typer(no_args_is_help=True, help="Dataset cards and what is available locally.")
 app.add_typer(datasets_app, name="datasets")
@@ -129,6 +129,43 @@ def explain(
     target = output or run / "attention.png"
     maps = explain_run(run, test, target)
     out.print_json(data={"output": str(target), "layers": len(maps), "rows": test.height})
+
+
+@app.command()
+def rank(
+    source: Annotated[Path, typer.Argument(help="a recipe YAML (ranks its training split) or a csv/tsv/parquet file",
+                                           show_default=False)],
+    overrides: OverridesArg = None,
+    target: Annotated[Optional[str], typer.Option("--target", help="label column (default: the recipe's, "
+                                                  "else 'label')")] = None,
+    heuristic: Annotated[str, typer.Option("--heuristic", help="3mr | normalized_mi | mi")] = "3mr",
+    sample: Annotated[Optional[int], typer.Option("--sample", help="rank a uniform sample of N rows")] = None,
+    bins: Annotated[int, typer.Option("--bins", help="quantile bins for numeric features")] = 32,
+    pair_candidates: Annotated[int, typer.Option("--pair-candidates", help="pairs are scored among this many "
+                                                 "most relevant features (0: none)")] = 20,
+    pair_rows: Annotated[int, typer.Option("--pair-rows", help="rows used for pair scores")] = 250_000,
+    seed: Annotated[int, typer.Option("--seed")] = 2021,
+    output: Annotated[Optional[Path], typer.Option("--output", help="output directory")] = None,
+    track: Annotated[Optional[bool], typer.Option("--track/--no-track", help="log to MLflow (default: the "
+                                                  "recipe's tracking.enabled; off for data files)")] = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Rank features by chance-corrected mutual information with the label (OutRank-style): ranking.csv + PNG."""
+    from ctrlab.errors import RecipeError
+    from ctrlab.ranking.rank import HEURISTICS, RankingOptions
+    from ctrlab.ranking.run import run_rank
+
+    if heuristic not in HEURISTICS:
+        raise RecipeError(f"--heuristic: must be one of {', '.join(HEURISTICS)}, got '{heuristic}'")
+    if bins < 2 or pair_candidates < 0 or pair_rows < 1:
+        raise RecipeError("--bins must be at least 2, --pair-candidates at least 0 and --pair-rows at least 1")
+    options = RankingOptions(heuristic=heuristic, bins=bins, seed=seed,  # type: ignore[arg-type]
+                             pair_candidates=pair_candidates, pair_rows=pair_rows)
+    result = run_rank(source, overrides or [], options, target=target, sample=sample, output_dir=output,
+                      data_dir=data_dir, track=track, console=err)
+    out.print_json(data={"output_dir": str(result.output_dir), "rows": result.ranking.rows,
+                         "seconds": round(result.ranking.seconds, 3), "top": result.ranking.top(10),
+                         **({"mlflow_run_id": result.run_id} if result.run_id else {})})
 
 
 @datasets_app.command("list")

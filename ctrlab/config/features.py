@@ -47,6 +47,13 @@ class SequenceFeature(Section):
     pooling: Literal["mean", "sum"] = "mean"
 
 
+class FeatureSelection(Section):
+    """Keep only the ``top_k`` best-ranked features of a ranking file written by ``ctrlab rank``."""
+
+    ranking: str = Field(description="path of a ranking.csv")
+    top_k: int = Field(ge=1, description="how many of the best-ranked categorical and numeric features to keep")
+
+
 class FeaturesConfig(Section):
     """All model inputs. Bare strings are shorthand for a feature with default settings."""
 
@@ -54,6 +61,7 @@ class FeaturesConfig(Section):
     categorical: list[CategoricalFeature] = []
     numeric: list[NumericFeature] = []
     sequence: list[SequenceFeature] = []
+    select: FeatureSelection | None = Field(None, description="keep the top_k features of a ranking")
 
     @field_validator("categorical", "numeric", "sequence", mode="before")
     @classmethod

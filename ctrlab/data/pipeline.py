@@ -19,6 +19,7 @@ from ctrlab.data.processor import FORMAT_VERSION, ROW_COLUMN, FeatureProcessor
 from ctrlab.data.readers import read_table
 from ctrlab.data.splits import SPLITS, split_frame
 from ctrlab.errors import DataError, RecipeError
+from ctrlab.ranking.select import apply_selection
 from ctrlab.utils.io import atomic_directory, write_json_atomic
 
 TRUE_PROBABILITY_COLUMN = "__true_click_probability"
@@ -193,7 +194,8 @@ def prepare_data(config: DatasetConfig, features: FeaturesConfig, seed: int, dat
     if features.is_empty:
         if raw.default_features is None:
             raise RecipeError("features: the recipe names no features and the data source has no defaults")
-        features = raw.default_features
+        features = raw.default_features.model_copy(update={"select": features.select})
+    features = apply_selection(features)
     label, group_by = raw.label, raw.group_by
     key = cache_key(raw, features, label, group_by)
     cache = default_cache_dir(config) / key

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
@@ -53,6 +53,9 @@ class SyntheticConfig(BaseModel):
     zipf_exponent: float = Field(1.1, ge=0.0, description="value frequencies within a field fall as rank**-exponent")
     informative_fields: int = Field(4, ge=0, description="categorical fields with a main effect")
     interaction_pairs: int = Field(3, ge=0, description="planted pairwise interactions between categorical fields")
+    interactions_among: Literal["all", "main_effects"] = Field(
+        "all", description="draw the interacting pairs from all categorical fields or only those with a main effect"
+    )
     numeric_informative: int = Field(2, ge=0, description="numeric fields with a nonlinear effect")
     redundant_fields: int = Field(0, ge=0, description="noisy relabelled copies R1..Rk of informative fields")
     sequence: bool = Field(False, description="add a behaviour history 'hist' and a candidate 'item'")
@@ -86,6 +89,10 @@ class SyntheticConfig(BaseModel):
             raise ValueError(f"informative_fields ({self.informative_fields}) > categorical_fields ({m})")
         if self.interaction_pairs > m * (m - 1) // 2:
             raise ValueError(f"interaction_pairs ({self.interaction_pairs}) > the {m * (m - 1) // 2} pairs of {m} fields")
+        main = self.informative_fields
+        if self.interactions_among == "main_effects" and self.interaction_pairs > main * (main - 1) // 2:
+            raise ValueError(f"interaction_pairs ({self.interaction_pairs}) > the {main * (main - 1) // 2} pairs of "
+                             f"{main} main-effect fields")
         if self.numeric_informative > self.numeric_fields:
             raise ValueError(
                 f"numeric_informative ({self.numeric_informative}) > numeric_fields ({self.numeric_fields})"
@@ -278,7 +285,8 @@ def generate(config: SyntheticConfig, seed: int) -> SyntheticData:
     # --- which fields matter ------------------------------------------------------------------------------------------
     pick = _stream(seed, "pick")
     main_idx = sorted(pick.choice(m, size=config.informative_fields, replace=False).tolist()) if m else []
-    all_pairs = [(a, b) for a in range(m) for b in range(a + 1, m)]
+    pool = main_idx if config.interactions_among == "main_effects" else list(range(m))
+    all_pairs = [(a, b) for i, a in enumerate(pool) for b in pool[i + 1:]]
     pair_idx = pick.choice(len(all_pairs), size=config.interaction_pairs, replace=False) if all_pairs else []
     pairs = sorted(all_pairs[i] for i in pair_idx)
     num_idx = (

@@ -1,0 +1,89 @@
+"""What ``ctrlab rank`` ranks: a recipe's training split and features, or every column of one data file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from ctrlab.errors import DataError
+from ctrlab.ranking.encode import Kind
+
+RECIPE_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass
+class RankInput:
+    """The rows to rank, the label column, the features and their kinds (None = infer), and where they came from."""
+
+    frame: pl.DataFrame
+    target: str
+    kinds: dict[str, Kind | None]
+    source: str
+    recipe: Any = None
+
+
+def is_recipe(path: Path) -> bool:
+    return path.suffix.lower() in RECIPE_SUFFIXES
+
+
+def load_rank_input(path: Path, overrides: list[str], target: str | None, sample: int | None, seed: int,
+                    data_dir: str | Path | None = None) -> RankInput:
+    """Read ``path`` (a recipe or a csv/tsv/parquet/libfm file), optionally keeping a uniform sample of rows."""
+    if is_recipe(path):
+        loaded = _from_recipe(path, overrides, target, data_dir)
+    else:
+        if overrides:
+            raise DataError(f"{path}: overrides ({overrides[0]}) apply to recipes, not to data files")
+        loaded = _from_file(path, target or "label")
+    if sample is not None:
+        if sample < 1:
+            raise DataError(f"--sample must be a positive number of rows, got {sample}")
+        if sample < loaded.frame.height:
+            loaded.frame = loaded.frame.sample(n=sample, seed=seed)
+    return loaded
+
+
+def _from_recipe(path: Path, overrides: list[str], target: str | None, data_dir: str | Path | None) -> RankInput:
+    from ctrlab.config.loader import load_recipe
+    from ctrlab.data.pipeline import TRUE_PROBABILITY_COLUMN, load_raw_splits
+
+    recipe = load_recipe(path, overrides)
+    raw = load_raw_splits(recipe.dataset, recipe.seed, data_dir)
+    # Rank on the training split only: choosing features on test rows would leak into the test score.
+    frame = raw.frames["train"].drop(TRUE_PROBABILITY_COLUMN, strict=False)
+    features = recipe.features if not recipe.features.is_empty else raw.default_features
+    if features is None:
+        raise DataError(f"{path}: the recipe names no features and its data source has no defaults")
+    kinds: dict[str, Kind | None] = {f.name: "categorical" for f in features.categorical}
+    kinds.update({f.name: "numeric" for f in features.numeric})
+    # Sequence features (lists of ids) are not ranked: their information is in the set, not in one value.
+    return RankInput(frame, target or raw.label, kinds, raw.sources.get("train", str(path)), recipe)
+
+
+def _from_file(path: Path, target: str) -> RankInput:
+    from ctrlab.data.readers import infer_format, read_table
+
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    fmt = infer_format(path)
+    try:
+        if fmt == "parquet":
+            frame = pl.read_parquet(path)
+        elif fmt in ("csv", "tsv") and not str(path).lower().endswith(".gz"):
+            # A typed read (unlike training's all-strings read) so that numeric columns are cut into quantiles.
+            frame = pl.read_csv(path, separator="," if fmt == "csv" else "\t", infer_schema_length=10_000)
+        else:
+            frame = read_table(path, fmt)
+    except DataError:
+        raise
+    except Exception as exc:  # polars raises several error types for malformed files
+        raise DataError(f"{path}: cannot read ({str(exc).splitlines()[0]})") from None
+    if frame.height == 0:
+        raise DataError(f"{path}: file has no data rows")
+    if target not in frame.columns:
+        raise DataError(f"{path}: no label column '{target}'; name it with --target")
+    kinds: dict[str, Kind | None] = {c: None for c in frame.columns if c != target}
+    return RankInput(frame, target, kinds, str(path))
