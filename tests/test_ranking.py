@@ -264,3 +264,25 @@ def test_training_with_select_uses_only_the_top_k_features(tmp_path: Path, capsy
     assert sorted(used) == sorted(ranked[:3])
     assert main(["validate", str(path), "features.select.top_k=0"]) == 2
     assert "features.select" in capsys.readouterr().err
+
+
+def test_a_sweep_searches_top_k_and_each_trial_trains_on_that_many_features(tmp_path: Path, capsys,
+                                                                             cache_dir) -> None:
+    from rich.console import Console
+
+    from ctrlab.search.sweep import run_sweep
+
+    path = _recipe(tmp_path)
+    assert main(["rank", str(path), "--no-track", "--output", str(tmp_path / "rk")]) == 0
+    raw = yaml.safe_load(path.read_text())
+    raw["features"]["select"] = {"ranking": str(tmp_path / "rk" / "ranking.csv"), "top_k": 8}
+    raw["tracking"] = {"enabled": False}
+    raw["search"] = {"n_trials": 3, "sampler": "random", "pruner": "none",
+                     "space": {"features.select.top_k": {"type": "int", "low": 1, "high": 8}}}
+    path.write_text(yaml.safe_dump(raw))
+    result = run_sweep(path, console=Console(quiet=True))
+    assert result.counts.get("COMPLETE") == 3
+    for row in csv.DictReader(open(result.trials_csv)):
+        k = yaml.safe_load(row["params"])["features.select.top_k"]
+        processor = yaml.safe_load((Path(row["output_dir"]) / "processor.json").read_text())
+        assert sum(len(processor["features"][kind]) for kind in ("categorical", "numeric")) == k

@@ -45,7 +45,7 @@ def codes_entropy(codes: np.ndarray) -> float:
 
 def mutual_information(codes: np.ndarray, labels: np.ndarray, classes: int) -> float:
     """Plug-in MI (nats) between codes ``0..k-1`` and labels ``0..classes-1``: ``H(X) + H(Y) - H(X, Y)``."""
-    joint = entropy(np.bincount(codes * classes + labels))
+    joint = entropy(np.bincount(codes.astype(np.int64) * classes + labels))
     return max(codes_entropy(codes) + codes_entropy(labels) - joint, 0.0)
 
 
@@ -69,7 +69,7 @@ class LabelShuffles:
         return other
 
     def _joint_entropy(self, codes: np.ndarray, labels: np.ndarray) -> float:
-        return entropy(np.bincount(codes * self.classes + labels))
+        return entropy(np.bincount(codes.astype(np.int64) * self.classes + labels))
 
     def scores(self, codes: np.ndarray) -> tuple[float, float]:
         """``(plain MI, normalised MI)`` of ``codes`` with the label; ``H(X)`` and ``H(Y)`` are shared by the
@@ -85,7 +85,7 @@ class LabelShuffles:
 def joint_codes(first: np.ndarray, second: np.ndarray, second_cardinality: int) -> np.ndarray:
     """Codes of the value pairs ``(first, second)``: the dense product when it is small, else hashed to dense codes
     so the pair table stays as small as the data."""
-    combined = first * second_cardinality + second
+    combined = first.astype(np.int64) * second_cardinality + second
     if (int(first.max()) + 1) * second_cardinality <= _DIRECT_BINCOUNT_LIMIT:
         return combined
     return factorize(combined)[0]

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from ctrlab.errors import DataError
@@ -14,11 +15,34 @@ from ctrlab.ranking.encode import Kind
 RECIPE_SUFFIXES = (".yaml", ".yml")
 
 
+class ParquetColumns:
+    """A parquet file read one column at a time (optionally a fixed sample of its rows), so that ranking holds only
+    the integer codes of the columns done so far, never the whole table. Quacks like the parts of a polars
+    DataFrame that ranking uses: ``height``, ``columns`` and ``frame[name]``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.columns = list(pl.read_parquet_schema(path))
+            self.height = int(pl.scan_parquet(path).select(pl.len()).collect().item())
+        except Exception as exc:  # polars raises several error types for corrupt files
+            raise DataError(f"{path}: cannot read parquet file ({str(exc).splitlines()[0]})") from None
+        self.rows: np.ndarray | None = None
+
+    def sample(self, n: int, seed: int) -> None:
+        self.rows = np.sort(np.random.default_rng(seed).choice(self.height, n, replace=False))
+        self.height = n
+
+    def __getitem__(self, name: str) -> pl.Series:
+        column = pl.read_parquet(self.path, columns=[name])[name]
+        return column if self.rows is None else column.gather(self.rows)
+
+
 @dataclass
 class RankInput:
     """The rows to rank, the label column, the features and their kinds (None = infer), and where they came from."""
 
-    frame: pl.DataFrame
+    frame: pl.DataFrame | ParquetColumns
     target: str
     kinds: dict[str, Kind | None]
     source: str
@@ -42,7 +66,10 @@ def load_rank_input(path: Path, overrides: list[str], target: str | None, sample
         if sample < 1:
             raise DataError(f"--sample must be a positive number of rows, got {sample}")
         if sample < loaded.frame.height:
-            loaded.frame = loaded.frame.sample(n=sample, seed=seed)
+            if isinstance(loaded.frame, ParquetColumns):
+                loaded.frame.sample(sample, seed)
+            else:
+                loaded.frame = loaded.frame.sample(n=sample, seed=seed)
     return loaded
 
 
@@ -69,9 +96,10 @@ def _from_file(path: Path, target: str) -> RankInput:
     if not path.exists():
         raise DataError(f"{path}: no such file")
     fmt = infer_format(path)
+    frame: pl.DataFrame | ParquetColumns
     try:
         if fmt == "parquet":
-            frame = pl.read_parquet(path)
+            frame = ParquetColumns(path)
         elif fmt in ("csv", "tsv") and not str(path).lower().endswith(".gz"):
             # A typed read (unlike training's all-strings read) so that numeric columns are cut into quantiles.
             frame = pl.read_csv(path, separator="," if fmt == "csv" else "\t", infer_schema_length=10_000)
