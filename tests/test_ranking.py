@@ -17,7 +17,13 @@ from ctrlab.config.features import FeaturesConfig
 from ctrlab.datasets.synthetic import SyntheticConfig, SyntheticData, generate
 from ctrlab.errors import DataError, RecipeError
 from ctrlab.ranking.encode import encode_column, quantile_codes
-from ctrlab.ranking.information import LabelShuffles, mutual_information
+from ctrlab.ranking.information import (
+    LabelShuffles,
+    adjusted_redundancy,
+    codes_entropy,
+    joint_codes,
+    mutual_information,
+)
 from ctrlab.ranking.rank import FeatureRanking, RankingOptions, rank_features
 from ctrlab.ranking.select import apply_selection
 
@@ -71,6 +77,26 @@ def test_chance_correction_removes_the_cardinality_bias_of_a_random_feature() ->
         spread = math.sqrt(2 * (k - 1)) / (2 * labels.shape[0])
         assert abs(normalized) < 4 * spread
         assert k < 1_000 or plain > 20 * spread  # the uncorrected score is far outside the noise
+
+
+def test_redundancy_is_the_chance_corrected_share_one_feature_carries_of_the_other() -> None:
+    rng = np.random.default_rng(0)
+    n = 100_000
+    city = rng.integers(0, 400, n)
+    country = city // 40  # 10 countries, each a function of the city
+    copy = (city * 7 + 3) % 401  # a relabelling
+    other = rng.integers(0, 400, n)
+
+    def shares(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+        pair = joint_codes(a, b, int(b.max()) + 1)
+        return adjusted_redundancy(a, pair, rng.permutation(b), codes_entropy(a), codes_entropy(b))
+
+    assert shares(city, copy) == pytest.approx((1.0, 1.0), abs=1e-9)
+    country_by_city, city_by_country = shares(country, city)
+    assert country_by_city == pytest.approx(1.0, abs=1e-9)
+    # the city carries log(10) of its log(400) nats through its country
+    assert city_by_country == pytest.approx(math.log(10) / math.log(400), abs=0.02)
+    assert max(shares(city, other)) < 0.01
 
 
 def test_numeric_values_are_cut_at_quantiles_with_missing_as_its_own_code() -> None:

@@ -91,9 +91,30 @@ def joint_codes(first: np.ndarray, second: np.ndarray, second_cardinality: int) 
     return factorize(combined)[0]
 
 
-def chance_corrected_dependence(first: np.ndarray, second: np.ndarray, pair: np.ndarray,
-                                shuffled_second: np.ndarray) -> float:
-    """MI(first; second) minus its value when ``second`` is shuffled: ``H(a, b~) - H(a, b)`` (the marginal
-    entropies cancel), in nats. ``pair`` is :func:`joint_codes` of the two."""
-    k2 = int(max(second.max(), shuffled_second.max())) + 1
-    return codes_entropy(joint_codes(first, shuffled_second, k2)) - codes_entropy(pair)
+def adjusted_redundancy(first: np.ndarray, pair: np.ndarray, shuffled_second: np.ndarray, first_entropy: float,
+                        second_entropy: float) -> tuple[float, float]:
+    """The share of each feature's information that the other one carries, corrected for chance, each in [0, 1]:
+    ``(share of first explained by second, share of second explained by first)``.
+
+    It is the uncertainty coefficient ``MI(a; b) / H(a)`` adjusted for chance like the adjusted MI of Vinh et al.
+    (2010), with the chance term measured by shuffling ``second`` (``b~``):
+
+        (MI - E[MI]) / (H(a) - E[MI]) = (H(a, b~) - H(a, b)) / (H(a, b~) - H(b))
+
+    A relabelled copy scores 1 both ways, an independent feature 0, and a feature that a finer one determines (a
+    country given its city) scores 1 while the finer one scores less. Dividing the chance-corrected MI by the entropy
+    instead would score copies of a mostly-singleton id far below 1, because the shuffled joint entropy cannot exceed
+    ``log(rows)``. ``pair`` is :func:`joint_codes` of ``(first, second)``.
+    """
+    k2 = int(shuffled_second.max()) + 1
+    shuffled_joint = codes_entropy(joint_codes(first, shuffled_second, k2))
+    excess = shuffled_joint - codes_entropy(pair)
+
+    def share(own_entropy: float, other_entropy: float) -> float:
+        # With mostly-singleton ids only a sliver of the entropy is testable at this sample size: below a quarter
+        # of the feature's entropy the room is floored, so an untestable pair is not called redundant on the
+        # evidence of a few frequent values.
+        room = max(shuffled_joint - other_entropy, 0.25 * own_entropy)
+        return float(np.clip(excess / room, 0.0, 1.0)) if room > 1e-12 else 0.0
+
+    return share(first_entropy, second_entropy), share(second_entropy, first_entropy)

@@ -9,8 +9,9 @@ Three heuristics order the features:
   the feature maximising ``v - alpha * redundancy * v`` with ``v = relevance + beta * relation``, all on a 0..1
   scale. Relevance is the normalised MI over the best one; relation the largest interaction information of the
   feature with a partner, ``MI((a, b); y) - MI(a; y) - MI(b; y)`` (chance-corrected), over the larger of the best
-  relevance and the best interaction; redundancy the largest chance-corrected MI with an already selected feature
-  divided by the smaller of the two entropies (a relabelled copy scores 1). Redundancy discounts the feature's value
+  relevance and the best interaction; redundancy the largest share of the feature's information that an already
+  selected feature carries (:func:`~ctrlab.ranking.information.adjusted_redundancy`: a relabelled copy scores 1, an
+  independent feature 0, a country given its city 1 but the city given its country less). Redundancy discounts the feature's value
   in proportion (instead of OutRank's plain difference) so that a copy cannot win back through its source's
   interactions, and it takes the maximum over the selected set (instead of OutRank's median), because a median lets
   a copy climb back once enough unrelated features have been selected.
@@ -33,7 +34,7 @@ import polars as pl
 from ctrlab.ranking.encode import EncodedColumn, Kind, encode_column
 from ctrlab.ranking.information import (
     LabelShuffles,
-    chance_corrected_dependence,
+    adjusted_redundancy,
     codes_entropy,
     joint_codes,
 )
@@ -71,7 +72,8 @@ class FeatureRanking:
     """The ranked features (one row each) and the pair statistics among the top candidates.
 
     ``table`` columns: feature, rank, score (of the chosen heuristic), mi, normalized_mi (nats), cardinality,
-    kind, missing_share, notes. ``pairs`` columns: feature_a, feature_b, interaction (nats), redundancy (0..1).
+    kind, missing_share, notes. ``pairs`` columns: feature_a, feature_b, interaction (nats), a_explained_by_b and
+    b_explained_by_a (the chance-corrected share of one feature's information the other carries, 0..1).
     """
 
     table: pl.DataFrame
@@ -156,7 +158,8 @@ def rank_features(frame: pl.DataFrame, target: str, kinds: dict[str, Kind | None
     }, schema_overrides={"rank": pl.Int64, "cardinality": pl.Int64}).sort("rank")
     pair_frame = pl.DataFrame(
         [{"feature_a": names[a], "feature_b": names[b], **values} for (a, b), values in pairs.items()],
-        schema={"feature_a": pl.String, "feature_b": pl.String, "interaction": pl.Float64, "redundancy": pl.Float64},
+        schema={"feature_a": pl.String, "feature_b": pl.String, "interaction": pl.Float64,
+                "a_explained_by_b": pl.Float64, "b_explained_by_a": pl.Float64},
     ).sort("interaction", descending=True)
     return FeatureRanking(table, pair_frame, options, frame.height, time.perf_counter() - started, target, timings)
 
@@ -191,10 +194,8 @@ def _pair_statistics(columns: list[EncodedColumn], normalized: np.ndarray, shuff
         for b in candidates[a_pos + 1:]:
             pair = joint_codes(codes[a], codes[b], cardinality[b])
             interaction = sub.scores(pair)[1] - relevance[a] - relevance[b]
-            floor = min(entropies[a], entropies[b])
-            dependence = chance_corrected_dependence(codes[a], codes[b], pair, shuffled[b]) if floor > 0 else 0.0
-            redundancy = float(np.clip(dependence / floor, 0.0, 1.0)) if floor > 0 else 0.0
-            result[(a, b)] = {"interaction": float(interaction), "redundancy": redundancy}
+            a_by_b, b_by_a = adjusted_redundancy(codes[a], pair, shuffled[b], entropies[a], entropies[b])
+            result[(a, b)] = {"interaction": float(interaction), "a_explained_by_b": a_by_b, "b_explained_by_a": b_by_a}
             step("pairs", len(result), total)
     return result
 
@@ -210,7 +211,7 @@ def _three_mr(names: list[str], normalized: np.ndarray, pairs: dict[tuple[int, i
     # Interactions share the relevance scale, capped so that the strongest pair is worth at most the best feature.
     scale = max([best] + [values["interaction"] for values in pairs.values()])
     for (a, b), values in pairs.items():
-        redundancy[a, b] = redundancy[b, a] = values["redundancy"]
+        redundancy[a, b], redundancy[b, a] = values["a_explained_by_b"], values["b_explained_by_a"]
         relation[a, b] = relation[b, a] = max(values["interaction"], 0.0) / scale
     # A feature that only matters jointly with a partner keeps that value whether or not the partner is picked yet.
     bonus = options.relation_weight * relation.max(axis=1)
@@ -253,9 +254,9 @@ def _relation_notes(notes: list[list[str]], names: list[str], pairs: dict[tuple[
     redundant: dict[int, tuple[float, int]] = {}
     interacting: dict[int, tuple[float, int]] = {}
     for (a, b), values in pairs.items():
-        for me, other in ((a, b), (b, a)):
-            if values["redundancy"] >= 0.5 and values["redundancy"] > redundant.get(me, (0.0, -1))[0]:
-                redundant[me] = (values["redundancy"], other)
+        for me, other, explained in ((a, b, values["a_explained_by_b"]), (b, a, values["b_explained_by_a"])):
+            if explained >= 0.5 and explained > redundant.get(me, (0.0, -1))[0]:
+                redundant[me] = (explained, other)
             if values["interaction"] >= 0.25 * best and values["interaction"] > interacting.get(me, (0.0, -1))[0]:
                 interacting[me] = (values["interaction"], other)
     for me, (value, other) in redundant.items():
