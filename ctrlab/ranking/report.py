@@ -52,7 +52,7 @@ def ranking_figure(result: FeatureRanking, limit: int = 40):  # type: ignore[no-
         axis.set_title(f"{title}, nats", fontsize=10)
         axis.axvline(0, color="black", linewidth=0.6)
     axes[0].set_yticks(y, names, fontsize=8)
-    figure.suptitle(f"feature ranking ({result.options.heuristic}, {result.rows:,} rows, label {result.target}); "
-                    "rank order top to bottom, hatched = data-quality note", fontsize=10)
-    figure.tight_layout()
+    figure.suptitle(f"feature ranking ({result.options.heuristic}, {result.rows:,} rows, label '{result.target}'): "
+                    "rank order top to bottom; hatched = a note (redundant, missing, constant, ...)", fontsize=10)
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.5 / figure.get_figheight()))
     return figure
