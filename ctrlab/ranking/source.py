@@ -20,13 +20,13 @@ class ParquetColumns:
     the integer codes of the columns done so far, never the whole table. Quacks like the parts of a polars
     DataFrame that ranking uses: ``height``, ``columns`` and ``frame[name]``."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, source: Path | None = None) -> None:
         self.path = path
         try:
             self.columns = list(pl.read_parquet_schema(path))
             self.height = int(pl.scan_parquet(path).select(pl.len()).collect().item())
         except Exception as exc:  # polars raises several error types for corrupt files
-            raise DataError(f"{path}: cannot read parquet file ({str(exc).splitlines()[0]})") from None
+            raise DataError(f"{source or path}: cannot read parquet file ({str(exc).splitlines()[0]})") from None
         self.rows: np.ndarray | None = None
 
     def sample(self, n: int, seed: int) -> None:
@@ -90,6 +90,21 @@ def _from_recipe(path: Path, overrides: list[str], target: str | None, data_dir:
     return RankInput(frame, target or raw.label, kinds, raw.sources.get("train", str(path)), recipe)
 
 
+def _csv_as_parquet(path: Path, separator: str) -> Path:
+    """Stream a delimited file into a temporary parquet file (polars' streaming engine, bounded memory), so that it
+    can then be read one column at a time. The schema is inferred (unlike training's all-strings read) so that
+    numeric columns are cut into quantiles. The file is removed when the process exits."""
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="ctrlab-rank-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    target = folder / "data.parquet"
+    pl.scan_csv(path, separator=separator, infer_schema_length=10_000).sink_parquet(target)
+    return target
+
+
 def _from_file(path: Path, target: str) -> RankInput:
     from ctrlab.data.readers import infer_format, read_table
 
@@ -101,8 +116,7 @@ def _from_file(path: Path, target: str) -> RankInput:
         if fmt == "parquet":
             frame = ParquetColumns(path)
         elif fmt in ("csv", "tsv") and not str(path).lower().endswith(".gz"):
-            # A typed read (unlike training's all-strings read) so that numeric columns are cut into quantiles.
-            frame = pl.read_csv(path, separator="," if fmt == "csv" else "\t", infer_schema_length=10_000)
+            frame = ParquetColumns(_csv_as_parquet(path, "," if fmt == "csv" else "\t"), source=path)
         else:
             frame = read_table(path, fmt)
     except DataError:
