@@ -186,16 +186,21 @@ def cache_key(raw: RawSplits, features: FeaturesConfig, label: str, group_by: st
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
+def resolve_features(features: FeaturesConfig, raw: RawSplits) -> FeaturesConfig:
+    """The recipe's features, or the data source's defaults (keeping the recipe's ``select``) when it names none."""
+    if not features.is_empty:
+        return features
+    if raw.default_features is None:
+        raise RecipeError("features: the recipe names no features and the data source has no defaults")
+    return raw.default_features.model_copy(update={"select": features.select})
+
+
 def prepare_data(config: DatasetConfig, features: FeaturesConfig, seed: int, data_dir: str | Path | None = None,
                  console: Console | None = None) -> PreparedData:
     """Load, split, fit the processor on train, encode all splits; reuse the cache when data and schema match."""
     console = console or Console(stderr=True)
     raw = load_raw_splits(config, seed, data_dir)
-    if features.is_empty:
-        if raw.default_features is None:
-            raise RecipeError("features: the recipe names no features and the data source has no defaults")
-        features = raw.default_features.model_copy(update={"select": features.select})
-    features = apply_selection(features)
+    features = apply_selection(resolve_features(features, raw))
     label, group_by = raw.label, raw.group_by
     key = cache_key(raw, features, label, group_by)
     cache = default_cache_dir(config) / key

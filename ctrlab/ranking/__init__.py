@@ -2,9 +2,6 @@
 
 ``ctrlab rank`` is :func:`ctrlab.ranking.run.run_rank`; the scoring itself is :func:`ctrlab.ranking.rank.rank_features`
 over a polars frame, and ``features.select`` in a recipe is applied by :func:`ctrlab.ranking.select.apply_selection`.
-Importing this package imports neither matplotlib nor mlflow.
+The package imports nothing itself: the data pipeline imports ``select`` on every run and must not pay for pandas,
+matplotlib or mlflow.
 """
-
-from ctrlab.ranking.rank import HEURISTICS, FeatureRanking, RankingOptions, rank_features
-
-__all__ = ["HEURISTICS", "FeatureRanking", "RankingOptions", "rank_features"]

@@ -43,10 +43,14 @@ def codes_entropy(codes: np.ndarray) -> float:
     return entropy(np.bincount(codes))
 
 
+def joint_entropy(codes: np.ndarray, labels: np.ndarray, classes: int) -> float:
+    """Entropy (nats) of the pairs ``(code, label)``, labels ``0..classes-1``."""
+    return entropy(np.bincount(codes.astype(np.int64) * classes + labels))
+
+
 def mutual_information(codes: np.ndarray, labels: np.ndarray, classes: int) -> float:
     """Plug-in MI (nats) between codes ``0..k-1`` and labels ``0..classes-1``: ``H(X) + H(Y) - H(X, Y)``."""
-    joint = entropy(np.bincount(codes.astype(np.int64) * classes + labels))
-    return max(codes_entropy(codes) + codes_entropy(labels) - joint, 0.0)
+    return max(codes_entropy(codes) + codes_entropy(labels) - joint_entropy(codes, labels, classes), 0.0)
 
 
 class LabelShuffles:
@@ -68,17 +72,14 @@ class LabelShuffles:
         other.label_entropy = codes_entropy(other.labels)
         return other
 
-    def _joint_entropy(self, codes: np.ndarray, labels: np.ndarray) -> float:
-        return entropy(np.bincount(codes.astype(np.int64) * self.classes + labels))
-
     def scores(self, codes: np.ndarray) -> tuple[float, float]:
         """``(plain MI, normalised MI)`` of ``codes`` with the label; ``H(X)`` and ``H(Y)`` are shared by the
         observed and the shuffled labels, so only the joint entropy is recounted per shuffle."""
         marginals = codes_entropy(codes) + self.label_entropy
-        plain = marginals - self._joint_entropy(codes, self.labels)
+        plain = marginals - joint_entropy(codes, self.labels, self.classes)
         if not self.shuffled:
             return max(plain, 0.0), plain
-        chance = marginals - float(np.mean([self._joint_entropy(codes, s) for s in self.shuffled]))
+        chance = marginals - float(np.mean([joint_entropy(codes, s, self.classes) for s in self.shuffled]))
         return max(plain, 0.0), plain - chance
 
 

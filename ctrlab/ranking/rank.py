@@ -180,10 +180,11 @@ def _pair_statistics(columns: list[EncodedColumn], normalized: np.ndarray, shuff
         subset = np.sort(rng.choice(rows, options.pair_rows, replace=False))
         sub = shuffles.subset(subset)
         codes = {i: columns[i].codes[subset] for i in candidates}
+        relevance = {i: sub.scores(codes[i])[1] for i in candidates}
     else:
         sub = shuffles
         codes = {i: columns[i].codes for i in candidates}
-    relevance = {i: sub.scores(codes[i])[1] for i in candidates}
+        relevance = {i: float(normalized[i]) for i in candidates}
     entropies = {i: codes_entropy(codes[i]) for i in candidates}
     cardinality = {i: int(codes[i].max()) + 1 for i in candidates}
     order = rng.permutation(codes[candidates[0]].shape[0])

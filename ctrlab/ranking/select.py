@@ -42,7 +42,7 @@ def apply_selection(features: FeaturesConfig) -> FeaturesConfig:
                           "rank the same features the recipe uses")
     if select.top_k > len(rankable):
         raise RecipeError(f"features.select.top_k: {select.top_k} is more than the {len(rankable)} ranked features")
-    keep = set([name for name in ranked if name in set(rankable)][: select.top_k])
+    keep = set([name for name in ranked if name in rankable][: select.top_k])
     # a kept history must keep the categorical feature whose vocabulary (and table) it shares
     keep |= {s.share_vocab_with for s in features.sequence if s.share_vocab_with}
     return features.model_copy(update={

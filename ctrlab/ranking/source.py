@@ -75,15 +75,13 @@ def load_rank_input(path: Path, overrides: list[str], target: str | None, sample
 
 def _from_recipe(path: Path, overrides: list[str], target: str | None, data_dir: str | Path | None) -> RankInput:
     from ctrlab.config.loader import load_recipe
-    from ctrlab.data.pipeline import TRUE_PROBABILITY_COLUMN, load_raw_splits
+    from ctrlab.data.pipeline import TRUE_PROBABILITY_COLUMN, load_raw_splits, resolve_features
 
     recipe = load_recipe(path, overrides)
     raw = load_raw_splits(recipe.dataset, recipe.seed, data_dir)
     # Rank on the training split only: choosing features on test rows would leak into the test score.
     frame = raw.frames["train"].drop(TRUE_PROBABILITY_COLUMN, strict=False)
-    features = recipe.features if not recipe.features.is_empty else raw.default_features
-    if features is None:
-        raise DataError(f"{path}: the recipe names no features and its data source has no defaults")
+    features = resolve_features(recipe.features, raw)  # its select is not applied: every feature gets ranked
     kinds: dict[str, Kind | None] = {f.name: "categorical" for f in features.categorical}
     kinds.update({f.name: "numeric" for f in features.numeric})
     # Sequence features (lists of ids) are not ranked: their information is in the set, not in one value.
