@@ -60,7 +60,7 @@ def test_artefacts_are_complete(trained) -> None:
     out = result.output_dir
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["recipe.yaml", "processor.json", "model.safetensors", "metrics.json", "test_predictions.parquet",
-         "learning_curve.png"])
+         "learning_curve.png", ".ctrlab.json"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test"] == result.metrics["test"]
     assert len(metrics["history"]) == metrics["epochs_run"] >= 1
@@ -232,7 +232,7 @@ def test_sigterm_ends_a_cli_run_cleanly_keeping_its_resumable_state(tmp_path: Pa
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stderr
-    assert stderr.strip().splitlines()[-1] == "terminated; nothing was written to the output directory"
+    assert stderr.strip().splitlines()[-1] == "terminated; nothing half-written was left behind"
     assert "Traceback" not in stderr
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []

@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ctrlab.ranking.rank import FeatureRanking, RankingOptions, rank_features
 from ctrlab.ranking.report import write_ranking
 from ctrlab.ranking.source import load_rank_input
+from ctrlab.utils.output_dir import OutputFolder
 
 
 @dataclass
@@ -36,6 +37,9 @@ def run_rank(path: Path, overrides: list[str], options: RankingOptions, *, targe
     recipe = loaded.recipe
     if output_dir is None:
         output_dir = Path(recipe.output_dir) / "ranking" if recipe is not None else Path("runs/rank") / path.stem
+    folder = OutputFolder(output_dir, "rank", recipe.name if recipe is not None else path.stem,
+                          loaded.source, key="--output")
+    folder.check()  # before the ranking's work: a folder ctrlab did not make is refused now, not after it
     console.print(f"rank: {loaded.frame.height:,} rows x {len(loaded.kinds)} features from {loaded.source}",
                   highlight=False)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -48,7 +52,7 @@ def run_rank(path: Path, overrides: list[str], options: RankingOptions, *, targe
             bar.update(tasks[stage], completed=done)
 
         ranking = rank_features(loaded.frame, loaded.target, loaded.kinds, options, step, loaded.source)
-    files = write_ranking(ranking, output_dir, loaded.source)
+    files = write_ranking(ranking, folder.open(), loaded.source)
     console.print(f"rank: {ranking.seconds:.1f} s; wrote {output_dir / 'ranking.csv'}", highlight=False)
 
     enabled = track if track is not None else bool(recipe is not None and recipe.tracking.enabled)

@@ -42,6 +42,7 @@ from ctrlab.config.search import SearchConfig
 from ctrlab.errors import CtrlabError, RecipeError
 from ctrlab.search.space import apply_params, check_space, sample_params
 from ctrlab.utils.io import write_text_atomic
+from ctrlab.utils.output_dir import OutputFolder
 
 STUDY_DB = "study.db"
 TRIALS_DIR = "trials"
@@ -290,8 +291,11 @@ def run_sweep(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = 
     if monitor not in base.train.metrics:
         raise RecipeError(f"{source}: train.metrics must include {monitor} (the metric the sweep optimizes)")
     direction = "maximize" if _MAXIMIZE[monitor] else "minimize"
-    output_dir = Path(base.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    from ctrlab.train.state import recipe_digest
+
+    # The sweep's folder holds its study, trials and plots; each trial's run folder inside it is the sweep's own,
+    # so a trial replaces whatever an earlier study left under the same number.
+    output_dir = OutputFolder(base.output_dir, "sweep", base.name, recipe_digest(base_dict)).open()
     storage_url = search.storage or default_storage(output_dir)
     study_name = search.study_name or base.name
 
@@ -368,7 +372,8 @@ def run_sweep(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = 
             kwargs: dict[str, Any] = {}
             if pass_parent and parent is not None:
                 kwargs["parent_run_id"] = parent.run_id
-            result = train_recipe(recipe, data_dir=data_dir, console=_QUIET, callbacks=[report], **kwargs)
+            result = train_recipe(recipe, data_dir=data_dir, console=_QUIET, callbacks=[report], overwrite=True,
+                                  **kwargs)
             trial.set_user_attr("output_dir", str(result.output_dir))
             trial.set_user_attr("test", result.metrics.get("test", {}))
             trial.set_user_attr("best_epoch", result.metrics.get("best_epoch"))

@@ -54,10 +54,19 @@ def attention_figure(maps: list[np.ndarray], field_names: list[str], title: str)
     return figure
 
 
+def check_picture_path(output: Path) -> None:
+    """Refuse an ``--output`` that is not a ``.png`` path, or that would replace anything but a PNG picture."""
+    if output.suffix.lower() != ".png":
+        raise CtrlabError(f"--output: '{output}' must be a .png file")
+    if output.exists() and (not output.is_file() or output.read_bytes()[:8] != b"\x89PNG\r\n\x1a\n"):
+        raise CtrlabError(f"--output: '{output}' exists and is not a PNG picture; ctrlab never replaces it")
+
+
 def explain_run(run_dir: Path, rows: pl.DataFrame, output: Path) -> list[np.ndarray]:
     """Write the attention heat map of a finished run, averaged over ``rows``, to ``output`` (PNG)."""
     from ctrlab.utils.io import atomic_path
 
+    check_picture_path(output)
     predictor = Predictor.from_run(run_dir)
     maps = attention_maps(predictor, rows)
     figure = attention_figure(maps, predictor.processor.layout.names,

@@ -5,10 +5,11 @@ Importing this package does not import mlflow or matplotlib; they are loaded whe
 
 from ctrlab.tracking.mlflow_tracker import (
     RunLogger,
+    connect,
     learning_curve_figure,
     mlflow_run,
     resolve_tracking_uri,
     system_tags,
 )
 
-__all__ = ["RunLogger", "learning_curve_figure", "mlflow_run", "resolve_tracking_uri", "system_tags"]
+__all__ = ["RunLogger", "connect", "learning_curve_figure", "mlflow_run", "resolve_tracking_uri", "system_tags"]

@@ -35,6 +35,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from ctrlab.config.tracking import TrackingConfig
 from ctrlab.errors import RecipeError
+from ctrlab.utils.signals import Interrupted, Terminated
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -117,21 +118,57 @@ def _quiet_mlflow() -> Iterator[None]:
             logger.setLevel(level)
 
 
+_REACH_TIMEOUT_SECONDS = 5.0
+
+
+def check_reachable(uri: str, key: str = "tracking.uri") -> None:
+    """Fail fast on a tracking server nobody answers at (a one-line error naming ``key``): MLflow itself retries
+    with back-off for minutes."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=_REACH_TIMEOUT_SECONDS).close()
+    except OSError as error:
+        raise RecipeError(f"{key}: cannot reach {redact_uri(uri)} ({error.strerror or error}); start the tracking "
+                          "server or fix the URI" + (", or set tracking.enabled=false" if key == "tracking.uri" else "")
+                          ) from None
+
+
 def _client(uri: str) -> MlflowClient:
-    """One client per tracking URI for the whole process (opening a SQLite store checks its schema: ~1 s)."""
+    """One client per tracking URI for the whole process (opening a SQLite store checks its schema: ~1 s). A URI
+    MLflow cannot use is a one-line :class:`RecipeError` naming ``tracking.uri``."""
     with _clients_lock:
         client = _clients.get(uri)
         if client is None:
+            check_reachable(uri)
             with _quiet_mlflow():
                 from mlflow import MlflowClient
 
-                db = _sqlite_path(uri)
-                if db is not None:
-                    db.parent.mkdir(parents=True, exist_ok=True)
-                client = MlflowClient(tracking_uri=uri)
-                client.search_experiments(max_results=1)  # creates/migrates the store now, quietly
+                try:
+                    db = _sqlite_path(uri)
+                    if db is not None:
+                        db.parent.mkdir(parents=True, exist_ok=True)
+                    client = MlflowClient(tracking_uri=uri)
+                    client.search_experiments(max_results=1)  # creates/migrates the store now, quietly
+                except Exception as error:
+                    reason = " ".join(str(error).split())[:200] or type(error).__name__
+                    raise RecipeError(f"tracking.uri: cannot use {redact_uri(uri)} as an MLflow store "
+                                      f"({type(error).__name__}: {reason}); fix it or set tracking.enabled=false"
+                                      ) from None
             _clients[uri] = client
         return client
+
+
+def connect(tracking: TrackingConfig) -> None:
+    """Open (and check) the tracking store now, so that a bad ``tracking.uri`` fails before any work."""
+    if tracking.enabled:
+        try:
+            import mlflow  # noqa: F401
+        except ImportError:
+            return  # mlflow_run names the missing package
+        _client(resolve_tracking_uri(tracking))
 
 
 def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
@@ -247,7 +284,7 @@ def mlflow_run(tracking: TrackingConfig, experiment: str, run_name: str | None =
 
     The experiment is created when missing. With ``parent_run_id`` the run is nested under that run (tag
     ``mlflow.parentRunId``; the MLflow UI nests runs of the same experiment). The run ends FINISHED when the block
-    succeeds, FAILED when it raises (the exception propagates) and KILLED on ``KeyboardInterrupt``.
+    succeeds, FAILED when it raises (the exception propagates) and KILLED on Ctrl-C or SIGTERM.
     """
     if not tracking.enabled:
         yield None
@@ -268,7 +305,7 @@ def mlflow_run(tracking: TrackingConfig, experiment: str, run_name: str | None =
     logger = RunLogger(client, run.info.run_id, uri, experiment_id)
     try:
         yield logger
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted, Terminated):
         _terminate(logger, "KILLED")
         raise
     except BaseException:
