@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ctrlab.blocks import BLOCKS
+from ctrlab.config.base import MAX_DEPTH, MAX_HEADS, MAX_WIDTH, Int
 from ctrlab.blocks.base import BlockConfigBase, BlockInput, InteractionBlock
 from ctrlab.embeddings.base import EmbeddingOutput
 from ctrlab.layers.attention import InteractingLayer
@@ -18,9 +19,9 @@ from ctrlab.layers.mlp import MLP, MLPConfig
 class _AttentionSettings(BlockConfigBase):
     """The interacting layers shared by AutoInt and AutoInt+ (not a block by itself: it has no ``block``)."""
 
-    layers: int = Field(3, ge=1, description="stacked interacting layers")
-    heads: int = Field(2, ge=1, description="attention heads per layer")
-    attention_dim: int = Field(40, ge=1, description="output width of a layer, summed over its heads")
+    layers: Int = Field(3, ge=1, le=MAX_DEPTH, description="stacked interacting layers")
+    heads: Int = Field(2, ge=1, le=MAX_HEADS, description="attention heads per layer")
+    attention_dim: Int = Field(40, ge=1, le=MAX_WIDTH, description="output width of a layer, summed over its heads")
     residual: bool = Field(True, description="residual connection with its own projection W_Res (eq. 8)")
     residual_projection: Literal["every_layer", "width_change"] = Field(
         "every_layer", description="every_layer: W_Res in every layer (the paper, eq. 8); width_change: only in "

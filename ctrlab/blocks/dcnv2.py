@@ -9,6 +9,7 @@ from pydantic import Field
 from torch import nn
 
 from ctrlab.blocks import BLOCKS
+from ctrlab.config.base import MAX_DEPTH, Int
 from ctrlab.blocks.base import BlockConfigBase, BlockInput, InteractionBlock
 from ctrlab.embeddings.base import EmbeddingOutput
 from ctrlab.layers.cross import CrossNetworkV2
@@ -19,7 +20,7 @@ class DCNv2Config(BlockConfigBase):
     """DCN-V2: a full-rank cross network combined with an MLP, stacked or in parallel."""
 
     block: Literal["dcnv2"] = "dcnv2"
-    cross_layers: int = Field(3, ge=1, description="cross layers (eq. 1)")
+    cross_layers: Int = Field(3, ge=1, le=MAX_DEPTH, description="cross layers (eq. 1)")
     structure: Literal["stacked", "parallel"] = Field(
         "parallel", description="stacked: MLP on the cross output; parallel: cross and MLP side by side")
     mlp: MLPConfig = Field(default_factory=MLPConfig)

@@ -16,12 +16,13 @@ positions are real comes from the FIRST history's padding mask: the histories mu
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, model_validator
 
 from ctrlab.blocks import BLOCKS
+from ctrlab.config.base import MAX_DEPTH, MAX_FIELDS, MAX_WIDTH, Int
 from ctrlab.blocks.base import BlockConfigBase, BlockInput, InteractionBlock
 from ctrlab.embeddings.base import EmbeddingOutput
 from ctrlab.layers.din import AttentionPooling, deep_mlp
@@ -36,8 +37,10 @@ class _HistoryConfig(BlockConfigBase):
     """What DIN and its baseline share: the candidate and history fields and the MLP."""
 
     candidate: str | list[str] = Field(
+        max_length=MAX_FIELDS,
         description="the candidate item: a categorical field, or a list of them (one per feature of an item)")
     history: str | list[str] = Field(
+        max_length=MAX_FIELDS,
         description="the behaviour history: a sequence field sharing the candidate's vocabulary, or a list as long "
                     "as candidate's, history[i] sharing the vocabulary of candidate[i] and all aligned position by "
                     "position (same max_len; the padding mask is the first history's)")
@@ -84,7 +87,8 @@ class DINConfig(_HistoryConfig):
     """DIN: the histories enter the MLP attention-pooled with respect to the candidate (weights not normalised)."""
 
     block: Literal["din"] = "din"
-    attention_hidden: list[int] = Field(default_factory=lambda: [80, 40])
+    attention_hidden: list[Annotated[Int, Field(ge=1, le=MAX_WIDTH)]] = Field(default_factory=lambda: [80, 40],
+                                                                             max_length=MAX_DEPTH)
     attention_activation: Literal["dice", "prelu"] = "dice"
     attention_reduce: Literal["sum", "mean"] = Field(
         "sum", description="sum: Σ_j a_j·e_j as in the paper (eq. 3); mean: that sum divided by the number of real "

@@ -8,12 +8,14 @@ import torch
 from pydantic import Field, model_validator
 
 from ctrlab.blocks import BLOCKS
+from ctrlab.config.base import MAX_DEPTH, MAX_KERNEL, MAX_WIDTH, Int
 from ctrlab.blocks.base import BlockConfigBase, BlockInput, InteractionBlock
 from ctrlab.embeddings.base import EmbeddingOutput
 from ctrlab.layers.feature_generation import FeatureGeneration
 from ctrlab.layers.mlp import MLP, MLPConfig
 
-_Positive = Annotated[int, Field(ge=1)]
+_Channels = Annotated[Int, Field(ge=1, le=MAX_WIDTH)]
+_Height = Annotated[Int, Field(ge=1, le=MAX_KERNEL)]
 _LISTS = ("channels", "kernel_heights", "pooling_sizes", "recombined_maps")
 
 
@@ -22,13 +24,13 @@ class FGCNNConfig(BlockConfigBase):
     original and generated fields and all their pairwise inner products. The four lists give one entry per block."""
 
     block: Literal["fgcnn"] = "fgcnn"
-    channels: list[_Positive] = Field(default_factory=lambda: [14, 16, 18, 20], min_length=1,
+    channels: list[_Channels] = Field(default_factory=lambda: [14, 16, 18, 20], min_length=1, max_length=MAX_DEPTH,
                                       description="convolution kernels per block")
-    kernel_heights: list[_Positive] = Field(default_factory=lambda: [7, 7, 7, 7], min_length=1,
+    kernel_heights: list[_Height] = Field(default_factory=lambda: [7, 7, 7, 7], min_length=1, max_length=MAX_DEPTH,
                                             description="kernel height (along the field axis) per block")
-    pooling_sizes: list[_Positive] = Field(default_factory=lambda: [2, 2, 2, 2], min_length=1,
+    pooling_sizes: list[_Height] = Field(default_factory=lambda: [2, 2, 2, 2], min_length=1, max_length=MAX_DEPTH,
                                            description="max-pooling height per block")
-    recombined_maps: list[_Positive] = Field(default_factory=lambda: [3, 3, 3, 3], min_length=1,
+    recombined_maps: list[_Height] = Field(default_factory=lambda: [3, 3, 3, 3], min_length=1, max_length=MAX_DEPTH,
                                              description="new feature maps per block (each h_i fields of width D)")
     generation_embedding: Literal["separate", "shared"] = Field(
         "separate", description="separate: feature generation reads its own embedding of width embedding.dim, "

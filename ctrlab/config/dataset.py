@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ctrlab.config.base import Section
+from ctrlab.config.base import MAX_FIELDS, MAX_SEED, Int, Section
 from ctrlab.datasets.synthetic import SyntheticConfig
 
 
@@ -16,7 +16,7 @@ class SplitConfig(Section):
     kind: Literal["given", "random", "time"] = "given"
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     time_column: str | None = None
-    seed: int | None = Field(None, description="defaults to the recipe seed")
+    seed: Int | None = Field(None, ge=0, le=MAX_SEED, description="defaults to the recipe seed")
 
     @model_validator(mode="after")
     def _check(self) -> "SplitConfig":
@@ -44,7 +44,7 @@ class DatasetConfig(Section):
     format: Literal["csv", "tsv", "parquet", "libfm"] | None = None
     separator: str | None = None
     header: bool = True
-    columns: list[str] | None = None
+    columns: list[str] | None = Field(None, max_length=MAX_FIELDS)
     label: str = "label"
     group_by: str | None = Field(None, description="column whose values group rows for gAUC (e.g. a user id)")
     split: SplitConfig | None = None

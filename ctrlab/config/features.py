@@ -6,20 +6,21 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ctrlab.config.base import Section
+from ctrlab.config.base import MAX_COUNT, MAX_FIELDS, MAX_SEQUENCE_LEN, Int, Section
 
 
 class FeatureDefaults(Section):
     """Defaults applied to every feature that does not set its own value."""
 
-    min_count: int = Field(1, ge=1, description="values seen fewer times in the training split map to OOV")
+    min_count: Int = Field(1, ge=1, le=MAX_COUNT,
+                           description="values seen fewer times in the training split map to OOV")
 
 
 class CategoricalFeature(Section):
     """A categorical column: its values get a vocabulary fitted on the training split (0 = padding, 1 = OOV)."""
 
     name: str
-    min_count: int | None = Field(None, ge=1)
+    min_count: Int | None = Field(None, ge=1, le=MAX_COUNT)
 
 
 class NumericFeature(Section):
@@ -32,7 +33,7 @@ class NumericFeature(Section):
     name: str
     fill: Literal["mean", "median", "zero"] | float = "mean"
     transform: Literal["none", "log", "standardize", "log_standardize", "bucketize"] = "none"
-    buckets: int = Field(16, ge=2, le=10_000)
+    buckets: Int = Field(16, ge=2, le=10_000)
 
 
 class SequenceFeature(Section):
@@ -40,10 +41,11 @@ class SequenceFeature(Section):
     ``max_len`` and right-padded with 0. The column holds ``separator``-joined strings or a polars list."""
 
     name: str
-    share_vocab_with: str | None = Field(None, description="a categorical feature whose vocabulary (and table) to share")
-    max_len: int = Field(50, ge=1)
+    share_vocab_with: str | None = Field(None,
+                                         description="a categorical feature whose vocabulary (and table) to share")
+    max_len: Int = Field(50, ge=1, le=MAX_SEQUENCE_LEN)
     separator: str = "|"
-    min_count: int | None = Field(None, ge=1)
+    min_count: Int | None = Field(None, ge=1, le=MAX_COUNT)
     pooling: Literal["mean", "sum"] = "mean"
 
 
@@ -51,16 +53,17 @@ class FeatureSelection(Section):
     """Keep only the ``top_k`` best-ranked features of a ranking file written by ``ctrlab rank``."""
 
     ranking: str = Field(description="path of a ranking.csv")
-    top_k: int = Field(ge=1, description="how many of the best-ranked categorical and numeric features to keep")
+    top_k: Int = Field(ge=1, le=MAX_FIELDS,
+                       description="how many of the best-ranked categorical and numeric features to keep")
 
 
 class FeaturesConfig(Section):
     """All model inputs. Bare strings are shorthand for a feature with default settings."""
 
     defaults: FeatureDefaults = FeatureDefaults()
-    categorical: list[CategoricalFeature] = []
-    numeric: list[NumericFeature] = []
-    sequence: list[SequenceFeature] = []
+    categorical: list[CategoricalFeature] = Field([], max_length=MAX_FIELDS)
+    numeric: list[NumericFeature] = Field([], max_length=MAX_FIELDS)
+    sequence: list[SequenceFeature] = Field([], max_length=MAX_FIELDS)
     select: FeatureSelection | None = Field(None, description="keep the top_k features of a ranking")
 
     @field_validator("categorical", "numeric", "sequence", mode="before")

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Union
 from pydantic import Field, model_validator
 
 from ctrlab.blocks import BLOCKS
-from ctrlab.config.base import Section
+from ctrlab.config.base import MAX_SEED, Int, Section
 from ctrlab.config.dataset import DatasetConfig
 from ctrlab.config.features import FeaturesConfig
 from ctrlab.config.search import SearchConfig
@@ -36,8 +36,10 @@ ModelConfig = _union(BLOCKS)
 class Recipe(Section):
     """A complete, validated ctrlab recipe: data, features, embedding, model block, training, tracking and search."""
 
-    name: str = Field("run", pattern=r"^[A-Za-z0-9_.\-]+$")
-    seed: int = 2021
+    # Letters, digits, '_', '.', '-', starting with a letter or digit: the name is a folder (runs/${name}), an
+    # MLflow experiment and a study name, so '..' or '.hidden' must not be one.
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", max_length=128)
+    seed: Int = Field(2021, ge=0, le=MAX_SEED)
     output_dir: str = "runs/${name}"
     dataset: DatasetConfig
     features: FeaturesConfig = FeaturesConfig()

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from ctrlab.config.base import Section
+from ctrlab.config.base import MAX_EPOCHS, Int, Section
 
 
 class ParamSpace(Section):
@@ -20,9 +20,9 @@ class ParamSpace(Section):
     type: Literal["int", "float", "categorical"]
     low: float | None = None
     high: float | None = None
-    step: float | None = None
+    step: float | None = Field(None, gt=0)
     log: bool = False
-    choices: list[Any] | None = None
+    choices: list[Any] | None = Field(None, max_length=10_000)
     when: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -49,12 +49,13 @@ class SearchConfig(Section):
     ``postgresql://...``) lets many ``ctrlab sweep`` processes on many machines share one study.
     """
 
-    n_trials: int = Field(20, ge=1)
+    n_trials: Int = Field(20, ge=1, le=MAX_EPOCHS)
     timeout_seconds: float | None = Field(None, gt=0)
     sampler: Literal["tpe", "random"] = "tpe"
     pruner: Literal["none", "median", "hyperband"] = "median"
-    pruner_startup_trials: int = Field(2, ge=0, description="trials that are never pruned (median pruner)")
-    pruner_warmup_epochs: int = Field(1, ge=0, description="epochs of each trial that are never pruned")
+    pruner_startup_trials: Int = Field(2, ge=0, le=MAX_EPOCHS,
+                                       description="trials that are never pruned (median pruner)")
+    pruner_warmup_epochs: Int = Field(1, ge=0, le=MAX_EPOCHS, description="epochs of each trial that are never pruned")
     storage: str | None = None
     study_name: str | None = Field(None, description="defaults to the recipe name")
     space: dict[str, ParamSpace] = Field(default_factory=dict)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
-from ctrlab.config.base import Section
+from ctrlab.config.base import MAX_BATCH, MAX_EPOCHS, MAX_THREADS, Int, Section
 
 
 class OptimizerConfig(Section):
@@ -26,7 +26,7 @@ class OptimizerConfig(Section):
         description="how embedding_weight_decay applies to embedding tables: weight decay, or DIN's mini-batch "
         "aware L2 (each row in the batch decayed by 1/its training-set frequency)",
     )
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
 
 
@@ -34,7 +34,7 @@ class EarlyStoppingConfig(Section):
     """Stop when the monitored validation metric has not improved for ``patience`` evaluations."""
 
     monitor: Literal["auc", "logloss", "gauc"] = "auc"
-    patience: int = Field(2, ge=1)
+    patience: Int = Field(2, ge=1, le=MAX_EPOCHS)
     min_delta: float = Field(0.0, ge=0)
 
 
@@ -50,14 +50,15 @@ class TrainConfig(Section):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype (CUDA; bf16 also on CPU)")
-    batch_size: int = Field(4096, ge=1)
-    eval_batch_size: int = Field(16384, ge=1)
-    epochs: int = Field(100, ge=1)
+    batch_size: Int = Field(4096, ge=1, le=MAX_BATCH)
+    eval_batch_size: Int = Field(16384, ge=1, le=MAX_BATCH)
+    epochs: Int = Field(100, ge=1, le=MAX_EPOCHS)
     optimizer: OptimizerConfig = OptimizerConfig()
     early_stopping: EarlyStoppingConfig | None = EarlyStoppingConfig()
     lr_on_plateau: LROnPlateauConfig | None = LROnPlateauConfig()
     metrics: list[Literal["auc", "logloss", "gauc"]] = ["auc", "logloss"]
-    num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice")
+    num_threads: Int | None = Field(None, ge=1, le=MAX_THREADS,
+                                    description="torch CPU threads; default: torch's choice")
     progress: bool = True
     grad_clip_norm: float | None = Field(None, gt=0)
     resume: bool = Field(False, description="save the training state after every epoch beside output_dir and, "

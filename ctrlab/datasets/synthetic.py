@@ -27,55 +27,75 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ctrlab.config.base import MAX_CARDINALITY, MAX_ROWS, MAX_SEQUENCE_LEN, Int
+
 __all__ = ["SyntheticConfig", "SyntheticData", "bayes_optimal_auc", "generate"]
 
 _TS_START = 1_600_000_000  # 2020-09-13, seconds
+# A logit term with a std of 100 already saturates every probability; more only risks overflow to inf.
+_MAX_SCALE = 100.0
+_MAX_SYNTHETIC_FIELDS = 10_000
+# Interaction groups make a groups x groups effect table per planted pair.
+_MAX_GROUPS = 1_000
 
 
 class SyntheticConfig(BaseModel):
     """Shape and difficulty of a synthetic click table; see the module docstring for how the logit is built."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Bounded like every recipe section (see ctrlab.config.base): sizes on both sides, floats finite, so an absurd
+    # shape is a validation error; rows x columns within the bounds is checked by ctrlab.train.footprint.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    rows: int = Field(200_000, ge=1, description="total rows")
-    numeric_fields: int = Field(4, ge=0, description="count-like float columns I1..In")
-    categorical_fields: int = Field(12, ge=0, description="categorical id columns C1..Cm")
-    cardinalities: list[int] | None = Field(
-        None, description="vocabulary size per categorical field; default log-spaced from 5 to 100_000"
+    rows: Int = Field(200_000, ge=1, le=MAX_ROWS, description="total rows")
+    numeric_fields: Int = Field(4, ge=0, le=_MAX_SYNTHETIC_FIELDS, description="count-like float columns I1..In")
+    categorical_fields: Int = Field(12, ge=0, le=_MAX_SYNTHETIC_FIELDS, description="categorical id columns C1..Cm")
+    cardinalities: list[Annotated[Int, Field(ge=2, le=MAX_CARDINALITY)]] | None = Field(
+        None, max_length=_MAX_SYNTHETIC_FIELDS,
+        description="vocabulary size per categorical field; default log-spaced from 5 to 100_000"
     )
-    zipf_exponent: float = Field(1.1, ge=0.0, description="value frequencies within a field fall as rank**-exponent")
-    informative_fields: int = Field(4, ge=0, description="categorical fields with a main effect")
-    interaction_pairs: int = Field(3, ge=0, description="planted pairwise interactions between categorical fields")
+    zipf_exponent: float = Field(1.1, ge=0.0, le=_MAX_SCALE,
+                                 description="value frequencies within a field fall as rank**-exponent")
+    informative_fields: Int = Field(4, ge=0, le=_MAX_SYNTHETIC_FIELDS,
+                                    description="categorical fields with a main effect")
+    interaction_pairs: Int = Field(3, ge=0, le=_MAX_SYNTHETIC_FIELDS,
+                                   description="planted pairwise interactions between categorical fields")
     interactions_among: Literal["all", "main_effects"] = Field(
         "all", description="draw the interacting pairs from all categorical fields or only those with a main effect"
     )
-    numeric_informative: int = Field(2, ge=0, description="numeric fields with a nonlinear effect")
-    redundant_fields: int = Field(0, ge=0, description="noisy relabelled copies R1..Rk of informative fields")
+    numeric_informative: Int = Field(2, ge=0, le=_MAX_SYNTHETIC_FIELDS,
+                                     description="numeric fields with a nonlinear effect")
+    redundant_fields: Int = Field(0, ge=0, le=_MAX_SYNTHETIC_FIELDS,
+                                  description="noisy relabelled copies R1..Rk of informative fields")
     sequence: bool = Field(False, description="add a behaviour history 'hist' and a candidate 'item'")
-    max_history: int = Field(20, ge=1, description="longest history")
+    max_history: Int = Field(20, ge=1, le=MAX_SEQUENCE_LEN, description="longest history")
     missing_rate: float = Field(0.05, ge=0.0, lt=1.0, description="fraction of numeric values set to null")
     base_rate: float = Field(0.25, gt=0.0, lt=1.0, description="target mean click probability")
-    signal_scale: float = Field(1.0, ge=0.0, description="multiplies the whole non-intercept logit")
+    signal_scale: float = Field(1.0, ge=0.0, le=_MAX_SCALE, description="multiplies the whole non-intercept logit")
     time_column: bool = Field(True, description="add an increasing integer 'ts' column")
 
     # Finer knobs (all defaulted).
-    main_effect_scale: float = Field(0.5, ge=0.0, description="std of each main-effect term of the logit")
-    interaction_scale: float = Field(0.6, ge=0.0, description="std of each interaction term of the logit")
-    interaction_groups: int = Field(4, ge=2, description="hidden groups per field of an interaction pair")
-    numeric_scale: float = Field(0.4, ge=0.0, description="std of each numeric term of the logit")
+    main_effect_scale: float = Field(0.5, ge=0.0, le=_MAX_SCALE,
+                                     description="std of each main-effect term of the logit")
+    interaction_scale: float = Field(0.6, ge=0.0, le=_MAX_SCALE,
+                                     description="std of each interaction term of the logit")
+    interaction_groups: Int = Field(4, ge=2, le=_MAX_GROUPS,
+                                    description="hidden groups per field of an interaction pair")
+    numeric_scale: float = Field(0.4, ge=0.0, le=_MAX_SCALE, description="std of each numeric term of the logit")
     redundant_noise: float = Field(0.05, ge=0.0, le=1.0, description="share of a redundant column redrawn at random")
-    num_items: int = Field(10_000, ge=2, description="item vocabulary of 'item' and 'hist'")
-    item_clusters: int = Field(20, ge=2, description="latent item clusters driving the history affinity")
+    num_items: Int = Field(10_000, ge=2, le=MAX_CARDINALITY, description="item vocabulary of 'item' and 'hist'")
+    item_clusters: Int = Field(20, ge=2, le=MAX_CARDINALITY,
+                               description="latent item clusters driving the history affinity")
     history_focus: float = Field(0.7, ge=0.0, le=1.0, description="share of history items from the user's clusters")
     candidate_focus: float = Field(0.3, ge=0.0, le=1.0, description="chance the candidate is from the user's clusters")
-    sequence_scale: float = Field(0.7, ge=0.0, description="std of the history-affinity term of the logit")
+    sequence_scale: float = Field(0.7, ge=0.0, le=_MAX_SCALE,
+                                  description="std of the history-affinity term of the logit")
 
     @model_validator(mode="after")
     def _check(self) -> SyntheticConfig:

@@ -9,7 +9,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ctrlab.config.base import Section
+from ctrlab.config.base import MAX_EMBEDDING_DIM, Int, Section
 from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.layout import FeatureLayout
 from ctrlab.layers.regularizers import mini_batch_aware_l2
@@ -18,7 +18,7 @@ from ctrlab.layers.regularizers import mini_batch_aware_l2
 class EmbeddingConfigBase(Section):
     """Settings shared by every embedding layer; each layer's config adds a ``kind`` literal."""
 
-    dim: int = Field(16, ge=1, description="embedding width of every field")
+    dim: Int = Field(16, ge=1, le=MAX_EMBEDDING_DIM, description="embedding width of every field")
     init_std: float = Field(1e-4, gt=0, description="std of the normal initialisation")
     sparse: bool = Field(False, description="sparse gradients for the tables (fast for large vocabularies)")
 

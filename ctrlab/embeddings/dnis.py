@@ -15,6 +15,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from ctrlab.config.base import MAX_COUNT, MAX_EMBEDDING_DIM, MAX_EPOCHS, Int
 from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.layout import FeatureLayout
 from ctrlab.embeddings import EMBEDDINGS
@@ -58,14 +59,15 @@ class DNISConfig(SearchableEmbeddingConfig):
     kind: Literal["dnis"] = "dnis"
     stages: list[DNISStage] = Field(default_factory=lambda: ["search", "retrain"],
                                     description="stages this run does, in order: search, retrain")
-    search_epochs: int = Field(10, ge=1, description="epochs of the bi-level search (early stopping and "
+    search_epochs: Int = Field(10, ge=1, le=MAX_EPOCHS, description="epochs of the bi-level search (early stopping and "
                                                      "lr_on_plateau as in train)")
     arch_lr: float = Field(1e-3, gt=0, description="Adam learning rate of the significance weights alpha, "
                                                    "stepped on a validation batch after every training step")
     alpha_init: float = Field(1.0, description="initial value of every significance weight")
-    blocks: int = Field(1, ge=1, description="frequency blocks per vocabulary table, each with its own "
+    blocks: Int = Field(1, ge=1, le=MAX_COUNT, description="frequency blocks per vocabulary table, each with its own "
                                              "significance weights and kept dimensions (1: one per table)")
-    block_min_rows: int = Field(100, ge=1, description="fewest rows in a frequency block: a table is cut into at "
+    block_min_rows: Int = Field(100, ge=1, le=MAX_COUNT,
+                                description="fewest rows in a frequency block: a table is cut into at "
                                                        "most rows // block_min_rows blocks, so a field of a few "
                                                        "values is never split value by value")
     significance: Literal["alpha", "effective"] = Field(
@@ -75,7 +77,8 @@ class DNISConfig(SearchableEmbeddingConfig):
     budget_order: Literal["significance", "per_parameter"] = Field(
         "significance", description="with a budget, keep (block, dimension) pairs by decreasing significance, or "
                                     "by significance per stored float (a block of few rows is cheap to keep)")
-    min_dim: int = Field(0, ge=0, description="dimensions every block keeps whatever the rule (its most "
+    min_dim: Int = Field(0, ge=0, le=MAX_EMBEDDING_DIM,
+                         description="dimensions every block keeps whatever the rule (its most "
                                               "significant ones; under a budget they are paid for first)")
     threshold: float | None = Field(None, gt=0, le=1, description="keep the (field, dimension) units whose |alpha| "
                                                                   "is at least this fraction of the largest |alpha|")

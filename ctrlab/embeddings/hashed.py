@@ -8,6 +8,7 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import nn
 
+from ctrlab.config.base import MAX_SEED, MAX_TABLE_ROWS, Int
 from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.layout import PADDING_ID, FeatureLayout
 from ctrlab.embeddings import EMBEDDINGS
@@ -31,9 +32,11 @@ class HashedConfig(EmbeddingConfigBase):
     kind: Literal["hashed"] = "hashed"
     budget: float | None = Field(None, gt=0, le=1,
                                  description="fraction of each vocabulary table's rows to keep (alternative to rows)")
-    rows: int | None = Field(None, ge=1, description="total hashed rows over all tables, split in proportion to "
+    rows: Int | None = Field(None, ge=1, le=MAX_TABLE_ROWS,
+                             description="total hashed rows over all tables, split in proportion to "
                                                      "vocabulary size (alternative to budget)")
-    salt: int = Field(0, ge=0, description="seed of the hash functions (another salt: other hash functions)")
+    salt: Int = Field(0, ge=0, le=MAX_SEED,
+                      description="seed of the hash functions (another salt: other hash functions)")
 
     @field_validator("rows")
     @classmethod

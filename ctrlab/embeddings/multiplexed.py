@@ -8,6 +8,7 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import nn
 
+from ctrlab.config.base import MAX_EMBEDDING_DIM, MAX_SEED, MAX_TABLE_ROWS, Int
 from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.layout import PADDING_ID, FeatureLayout
 from ctrlab.embeddings import EMBEDDINGS
@@ -28,12 +29,15 @@ class MultiplexedConfig(EmbeddingConfigBase):
     of the parameters of full per-field tables, ``rows`` an explicit ``R``; with neither, budget 1."""
 
     kind: Literal["multiplexed"] = "multiplexed"
-    chunk_dim: int | None = Field(None, ge=1, description="width of one chunk; dim must be a multiple of it "
+    chunk_dim: Int | None = Field(None, ge=1, le=MAX_EMBEDDING_DIM,
+                                  description="width of one chunk; dim must be a multiple of it "
                                                           "(k = dim / chunk_dim probes per value); default: dim (k=1)")
     budget: float | None = Field(None, gt=0, le=1, description="fraction of the parameters of full per-field tables "
                                                                "(alternative to rows)")
-    rows: int | None = Field(None, ge=1, description="rows of the shared table (alternative to budget)")
-    salt: int = Field(0, ge=0, description="seed of the hash functions (another salt: other hash functions)")
+    rows: Int | None = Field(None, ge=1, le=MAX_TABLE_ROWS,
+                             description="rows of the shared table (alternative to budget)")
+    salt: Int = Field(0, ge=0, le=MAX_SEED,
+                      description="seed of the hash functions (another salt: other hash functions)")
 
     # The field validators report the error at the key that breaks the rule; the model validator also checks
     # assignments (e.g. a new dim).

@@ -15,6 +15,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from ctrlab.config.base import MAX_COUNT, MAX_EPOCHS, MAX_POPULATION, Int
 from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.layout import FeatureLayout
 from ctrlab.embeddings import EMBEDDINGS
@@ -42,24 +43,27 @@ class OptEmbedConfig(SearchableEmbeddingConfig):
     kind: Literal["optembed"] = "optembed"
     stages: list[OptEmbedStage] = Field(default_factory=lambda: ["supernet", "search", "retrain"],
                                         description="stages this run does, in order: supernet, search, retrain")
-    supernet_epochs: int = Field(10, ge=1, description="supernet training epochs (early stopping and "
+    supernet_epochs: Int = Field(10, ge=1, le=MAX_EPOCHS, description="supernet training epochs (early stopping and "
                                                        "lr_on_plateau as in train)")
     threshold_init: float = Field(0.0, description="initial pruning threshold t_f of every table (L1 norm)")
     threshold_lr: float = Field(1e-4, gt=0, description="Adam learning rate of the thresholds")
     sparsity_weight: float = Field(1e-4, ge=0, description="alpha of the threshold regulariser "
                                                            "alpha · Σ_f exp(-t_f) added to the supernet loss")
-    generations: int = Field(30, ge=1, description="generations of the evolutionary dimension search")
-    keep: int = Field(5, ge=0, description="best candidates carried into the next generation unchanged")
-    mutation: int = Field(10, ge=0, description="mutated candidates per generation")
-    crossover: int = Field(10, ge=0, description="crossed-over candidates per generation")
+    generations: Int = Field(30, ge=1, le=MAX_EPOCHS, description="generations of the evolutionary dimension search")
+    keep: Int = Field(5, ge=0, le=MAX_POPULATION,
+                      description="best candidates carried into the next generation unchanged")
+    mutation: Int = Field(10, ge=0, le=MAX_POPULATION, description="mutated candidates per generation")
+    crossover: Int = Field(10, ge=0, le=MAX_POPULATION, description="crossed-over candidates per generation")
     mutation_prob: float = Field(0.1, gt=0, le=1, description="chance that a mutation redraws a field's dimension")
-    parents: int = Field(15, ge=1, description="mutations and crossovers draw their parents from this many best "
+    parents: Int = Field(15, ge=1, le=MAX_POPULATION,
+                         description="mutations and crossovers draw their parents from this many best "
                                                "candidates of the generation")
     max_parameters: float | None = Field(None, gt=0, le=1, description="search only candidates storing at most "
                                                                        "this fraction of the full table's parameters "
                                                                        "(after row pruning); default: no limit, as in "
                                                                        "the paper")
-    search_rows: int | None = Field(None, ge=1000, description="score each candidate on a seeded sample of this "
+    search_rows: Int | None = Field(None, ge=1000, le=MAX_COUNT,
+                                    description="score each candidate on a seeded sample of this "
                                                                "many validation rows (default: all of them)")
 
     @model_validator(mode="after")

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 from torch import nn
 
-from ctrlab.config.base import Section
+from ctrlab.config.base import MAX_DEPTH, MAX_WIDTH, Int, Section
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "prelu": nn.PReLU,
@@ -18,7 +18,8 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
 class MLPConfig(Section):
     """Hidden layer widths and their regularisation."""
 
-    hidden: list[int] = Field(default_factory=lambda: [400, 400, 400])
+    hidden: list[Annotated[Int, Field(ge=1, le=MAX_WIDTH)]] = Field(default_factory=lambda: [400, 400, 400],
+                                                                    max_length=MAX_DEPTH)
     activation: Literal["relu", "gelu", "silu", "tanh", "sigmoid", "prelu"] = "relu"
     dropout: float = Field(0.0, ge=0, lt=1)
     batch_norm: bool = False
