@@ -76,7 +76,7 @@ def _nothing_half_written(output_dir: Path, cache: Path) -> None:
         partial = [str(p) for p in cache.rglob("*") if p.name.endswith(LEFTOVER_SUFFIXES)]
         assert not partial, f"partial cache entries: {partial}"
         for entry in (p for p in cache.iterdir() if p.is_dir()):
-            assert (entry / "complete.json").exists(), f"cache entry {entry} is incomplete"
+            assert (entry / "manifest.json").exists(), f"cache entry {entry} is incomplete"
 
 
 def _train_fails(capsys: pytest.CaptureFixture[str], tmp_path: Path, cache: Path, recipe: dict[str, Any] | Path,

@@ -1,9 +1,9 @@
-"""From a recipe's ``dataset`` and ``features`` sections to encoded, cached train/valid/test splits."""
+"""From a recipe's ``dataset`` and ``features`` sections to encoded, cached train/valid/test splits (the cache itself:
+:mod:`ctrlab.data.cache`)."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,16 +14,15 @@ from rich.console import Console
 
 from ctrlab.config.dataset import DatasetConfig, SplitConfig
 from ctrlab.config.features import FeaturesConfig
+from ctrlab.data.cache import EncodedCache, cache_key, default_cache_dir, key_payload
 from ctrlab.data.encoded import EncodedSplit
-from ctrlab.data.processor import FORMAT_VERSION, ROW_COLUMN, FeatureProcessor
+from ctrlab.data.processor import ROW_COLUMN, FeatureProcessor
 from ctrlab.data.readers import read_table
 from ctrlab.data.splits import SPLITS, split_frame
 from ctrlab.errors import DataError, RecipeError
 from ctrlab.ranking.select import apply_selection
-from ctrlab.utils.io import atomic_directory, write_json_atomic
 
 TRUE_PROBABILITY_COLUMN = "__true_click_probability"
-_CACHE_LAYOUT_VERSION = 1
 
 
 @dataclass
@@ -154,6 +153,9 @@ def _file_splits(config: DatasetConfig, seed: int, base: Path | None) -> RawSpli
     else:
         assert config.path is not None
         table, path = _read(config, config.path, base)
+        if ROW_COLUMN in table.columns:
+            raise DataError(f"{path}: column name '{ROW_COLUMN}' is reserved by ctrlab (it numbers the file's rows); "
+                            "rename that column")
         split = config.split or SplitConfig(kind="random")
         if split.kind == "given":
             raise RecipeError("dataset.split: one data file needs a random or time split")
@@ -171,21 +173,6 @@ def _file_splits(config: DatasetConfig, seed: int, base: Path | None) -> RawSpli
 
 
 # ----------------------------------------------------------------------------------------------- encode
-def default_cache_dir(config: DatasetConfig) -> Path:
-    if config.cache_dir:
-        return Path(config.cache_dir).expanduser()
-    env = os.environ.get("CTRLAB_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "ctrlab"
-
-
-def cache_key(raw: RawSplits, features: FeaturesConfig, label: str, group_by: str | None) -> str:
-    payload = {
-        "layout": _CACHE_LAYOUT_VERSION, "processor": FORMAT_VERSION, "data": raw.fingerprint,
-        "features": features.model_dump(mode="json"), "label": label, "group_by": group_by,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
 def resolve_features(features: FeaturesConfig, raw: RawSplits) -> FeaturesConfig:
     """The recipe's features, or the data source's defaults (keeping the recipe's ``select``) when it names none."""
     if not features.is_empty:
@@ -202,22 +189,18 @@ def prepare_data(config: DatasetConfig, features: FeaturesConfig, seed: int, dat
     raw = load_raw_splits(config, seed, data_dir)
     features = apply_selection(resolve_features(features, raw))
     label, group_by = raw.label, raw.group_by
-    key = cache_key(raw, features, label, group_by)
-    cache = default_cache_dir(config) / key
-    if config.cache and (cache / "complete.json").exists():
-        processor = FeatureProcessor.load(cache / "processor.json")
-        layout = processor.layout
-        splits = {s: EncodedSplit.from_parquet(cache / f"{s}.parquet", layout) for s in SPLITS}
-        console.print(f"data: encoded splits from cache {cache}", highlight=False)
-        return PreparedData(processor, splits, features, label, group_by, raw, cache_hit=True)
+    store = EncodedCache(default_cache_dir(config), console) if config.cache else None
+    if store is not None:
+        payload = key_payload(raw.fingerprint, features, label, group_by)
+        key = cache_key(raw.fingerprint, features, label, group_by)
+        cached = store.read(key, payload)
+        if cached is not None:
+            console.print(f"data: encoded splits from cache {store.entry(key)}", highlight=False, markup=False,
+                          soft_wrap=True)
+            return PreparedData(cached.processor, cached.splits, features, label, group_by, raw, cache_hit=True)
 
     processor = FeatureProcessor(features, label, group_by).fit(raw.frames["train"], raw.sources["train"])
     splits = {s: processor.transform(raw.frames[s], raw.sources[s]) for s in SPLITS}
-    if config.cache:
-        layout = processor.layout
-        with atomic_directory(cache) as tmp:
-            processor.save(tmp / "processor.json")
-            for name, split in splits.items():
-                split.to_parquet(tmp / f"{name}.parquet", layout)
-            write_json_atomic(tmp / "complete.json", {"rows": {s: len(v) for s, v in splits.items()}})
+    if store is not None:
+        store.write(key, payload, processor, splits)
     return PreparedData(processor, splits, features, label, group_by, raw)

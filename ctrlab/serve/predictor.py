@@ -58,4 +58,12 @@ class Predictor:
         for start in range(0, len(data), self.batch_size):
             logits = self.model(data.select(slice(start, start + self.batch_size)))
             out.append(torch.sigmoid(logits.float()).cpu())
-        return torch.cat(out).double().numpy()
+        probabilities = torch.cat(out).double().numpy()
+        not_finite = ~np.isfinite(probabilities)
+        if not_finite.any():
+            # Finite inputs far outside the training range can still overflow inside the network; a NaN must never
+            # reach a caller (it is not even valid JSON).
+            row = int(np.flatnonzero(not_finite)[0]) + 1
+            raise DataError(f"{source}: row {row}: the model's score is not a finite number (are its numeric "
+                            "values far outside the range seen in training?)")
+        return probabilities
