@@ -1,10 +1,12 @@
 """The ``ctrlab`` command line. Every command takes a recipe plus ``key.path=value`` overrides.
 
-User errors print one line (``error: ...``) and exit with status 2, with no traceback.
+User errors print one line (``error: ...``) and exit with status 2, with no traceback; see :func:`main` for every
+exit status.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -15,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ctrlab.errors import CtrlabError
-from ctrlab.utils.signals import Terminated, sigterm_raises
+from ctrlab.utils.signals import EXIT_INTERRUPTED, EXIT_TERMINATED, Interrupted, Terminated, signals_raise
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -33,15 +35,20 @@ OverridesArg = Annotated[Optional[list[str]], typer.Argument(help="overrides: ke
 DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="data directory (default $CTRLAB_DATA_DIR)")]
 
 
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace an earlier run of another recipe in "
+                                            "output_dir (a folder ctrlab did not make is never replaced)")]
+
+
 @app.command()
-def train(recipe: RecipeArg, overrides: OverridesArg = None, data_dir: DataDirOpt = None) -> None:
+def train(recipe: RecipeArg, overrides: OverridesArg = None, data_dir: DataDirOpt = None,
+          overwrite: OverwriteOpt = False) -> None:
     """Train RECIPE, evaluate on the test split and write the run's artefacts to its output_dir."""
     from ctrlab.config.loader import load_recipe
     from ctrlab.train.run import train_recipe
 
     loaded = load_recipe(recipe, overrides or [])
-    result = train_recipe(loaded, data_dir=data_dir, console=err)
-    out.print_json(data={"output_dir": str(result.output_dir), "test": result.metrics["test"],
+    result = train_recipe(loaded, data_dir=data_dir, console=err, overwrite=overwrite)
+    _print_json({"output_dir": str(result.output_dir), "test": result.metrics["test"],
                          **({"bayes_optimal_test_auc": result.metrics["bayes_optimal_test_auc"]}
                             if "bayes_optimal_test_auc" in result.metrics else {})})
 
@@ -64,7 +71,7 @@ def sweep(recipe: RecipeArg, overrides: OverridesArg = None, data_dir: DataDirOp
     from ctrlab.search.sweep import run_sweep
 
     result = run_sweep(recipe, overrides or [], data_dir=data_dir, console=err)
-    out.print_json(data=result.summary())
+    _print_json(result.summary())
 
 
 TrackingUriOpt = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI "
@@ -82,7 +89,7 @@ def register(
     from ctrlab.serve.registry import register_run
 
     result = register_run(run, name, alias=alias, tracking_uri=tracking_uri)
-    out.print_json(data={"name": result.name, "version": result.version, "alias": result.alias,
+    _print_json({"name": result.name, "version": result.version, "alias": result.alias,
                          "model_uri": result.model_uri, "run_id": result.run_id})
 
 
@@ -93,22 +100,60 @@ def serve(
     version: Annotated[Optional[str], typer.Option("--version", help="serve this version instead")] = None,
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port")] = 5000,
-    workers: Annotated[int, typer.Option("--workers")] = 1,
+    workers: Annotated[int, typer.Option("--workers", help="server processes")] = 1,
+    max_body_bytes: Annotated[Optional[int], typer.Option(
+        "--max-body-bytes", help="largest request body accepted, larger ones get 413 (default 16 MiB; ctrlab "
+        "backend)")] = None,
+    backend: Annotated[str, typer.Option("--backend", help="ctrlab (ctrlab's own server) or mlflow "
+                                         "(`mlflow models serve --env-manager local`)")] = "ctrlab",
     tracking_uri: TrackingUriOpt = None,
 ) -> None:
-    """Serve a registered model over HTTP (`mlflow models serve --env-manager local`; POST /invocations)."""
-    import subprocess
+    """Serve a registered model over HTTP in MLflow's scoring protocol (POST /invocations; GET /ping, /health,
+    /version). The model is found and loaded before the port is bound: a missing model, alias or version is an
+    error, not a server that fails later."""
+    from ctrlab.serve.registry import resolve_model
+    from ctrlab.serve.scoring import DEFAULT_MAX_BODY_BYTES
 
-    from ctrlab.config.tracking import TrackingConfig
-    from ctrlab.serve.registry import serve_command
-    from ctrlab.serve.server import venv_env
-    from ctrlab.tracking import resolve_tracking_uri
-
-    command = serve_command(name, alias if alias or version else "champion", version, host, port, workers)
+    if backend not in ("ctrlab", "mlflow"):
+        raise CtrlabError(f"--backend: must be ctrlab or mlflow, got {backend[:40]!r}")
+    if not 0 < port < 65536:
+        raise CtrlabError(f"--port: must be between 1 and 65535, got {port}")
+    if workers < 1:
+        raise CtrlabError(f"--workers: must be at least 1, got {workers}")
+    if max_body_bytes is not None and max_body_bytes < 1:
+        raise CtrlabError(f"--max-body-bytes: must be at least 1, got {max_body_bytes}")
     # The same store `ctrlab register` wrote to: --tracking-uri, $MLFLOW_TRACKING_URI, else ~/.ctrlab/mlflow.db.
-    env = venv_env(MLFLOW_TRACKING_URI=tracking_uri or resolve_tracking_uri(TrackingConfig()))
-    err.print(" ".join(command), highlight=False, soft_wrap=True)
-    raise typer.Exit(subprocess.call(command, env=env))
+    model = resolve_model(name, alias, version, tracking_uri)
+    if backend == "mlflow":
+        import subprocess
+
+        from ctrlab.serve.registry import serve_command
+        from ctrlab.serve.server import venv_env
+
+        if max_body_bytes is not None:
+            err.print("warning: --max-body-bytes is not enforced by --backend mlflow", highlight=False)
+        command = serve_command(model, host, port, workers)
+        err.print(escape(" ".join(command)), highlight=False, soft_wrap=True)
+        code = subprocess.call(command, env=venv_env(MLFLOW_TRACKING_URI=model.tracking_uri))
+        if code:
+            raise typer.Exit(code)
+        return
+
+    import tempfile
+
+    import mlflow
+
+    from ctrlab import __version__
+    from ctrlab.serve import scoring
+    from ctrlab.serve.registry import download_model, load_registered
+
+    with tempfile.TemporaryDirectory(prefix="ctrlab-serve-") as tmp:
+        model_dir = download_model(model, Path(tmp))
+        predictor = load_registered(model_dir)
+        info = {"model_uri": model.uri, "name": model.name, "version": model.version, "ctrlab": __version__,
+                "mlflow": mlflow.__version__}
+        scoring.run(predictor, model_dir, host, port, workers, max_body_bytes or DEFAULT_MAX_BODY_BYTES, info,
+                    announce=lambda line: err.print(escape(line), highlight=False, soft_wrap=True))
 
 
 @app.command()
@@ -121,14 +166,16 @@ def explain(
     """Draw which fields attend to which (a heat map per attention layer, averaged over test rows)."""
     from ctrlab.config.loader import read_recipe_file, validate_recipe
     from ctrlab.data.pipeline import load_raw_splits
-    from ctrlab.serve.explain import explain_run
+    from ctrlab.serve.explain import check_picture_path, explain_run
     from ctrlab.train.run import RECIPE_FILE
 
+    if output is not None:
+        check_picture_path(output)
     recipe = validate_recipe(read_recipe_file(run / RECIPE_FILE), str(run / RECIPE_FILE))
     test = load_raw_splits(recipe.dataset, recipe.seed, data_dir).frames["test"].head(rows)
     target = output or run / "attention.png"
     maps = explain_run(run, test, target)
-    out.print_json(data={"output": str(target), "layers": len(maps), "rows": test.height})
+    _print_json({"output": str(target), "layers": len(maps), "rows": test.height})
 
 
 @app.command()
@@ -163,7 +210,7 @@ def rank(
                              pair_candidates=pair_candidates, pair_rows=pair_rows)
     result = run_rank(source, overrides or [], options, target=target, sample=sample, output_dir=output,
                       data_dir=data_dir, track=track, console=err)
-    out.print_json(data={"output_dir": str(result.output_dir), "rows": result.ranking.rows,
+    _print_json({"output_dir": str(result.output_dir), "rows": result.ranking.rows,
                          "seconds": round(result.ranking.seconds, 3), "top": result.ranking.top(10),
                          **({"mlflow_run_id": result.run_id} if result.run_id else {})})
 
@@ -180,33 +227,59 @@ def datasets_list(data_dir: DataDirOpt = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: runs the app, turning user errors into one line and exit code 2."""
+    """Entry point: runs the app and returns the process exit status. Every way a command can end maps to one status
+    and at most one line on stderr, never a traceback: 0 done; 2 a user error (:class:`CtrlabError`, usage); 1 the
+    system failed us (an OSError such as a full disk, or an internal error); 130 SIGINT; 143 SIGTERM; a command's own
+    status (``ctrlab serve --backend mlflow`` passes its server's through)."""
     try:
-        with sigterm_raises():
-            app(args=argv, standalone_mode=False)
+        with signals_raise():
+            result = app(args=argv, standalone_mode=False)
     except CtrlabError as error:
-        # The message is data (paths, values from the file): escape it so rich prints "[no]" instead of eating it.
-        err.print(f"[bold red]error:[/bold red] {escape(error.message)}", highlight=False, soft_wrap=True)
-        return error.exit_code
+        return _fail(error.message, error.exit_code)
+    except (Interrupted, KeyboardInterrupt):
+        return _fail("interrupted; nothing half-written was left behind", EXIT_INTERRUPTED, prefix="")
+    except Terminated:
+        return _fail("terminated; nothing half-written was left behind", EXIT_TERMINATED, prefix="")
     except typer.Exit as done:
         return int(done.exit_code or 0)
     except typer.Abort:
-        err.print("aborted")
-        return 130
-    except KeyboardInterrupt:
-        err.print("interrupted; nothing was written to the output directory")
-        return 130
-    except Terminated:
-        err.print("terminated; nothing was written to the output directory")
-        return 143
-    except Exception as error:  # click usage errors
-        import click
+        return _fail("aborted", EXIT_INTERRUPTED, prefix="")
+    except typer.TyperException as error:  # usage errors (typer's own copy of click's exceptions)
+        message = " ".join(error.format_message().split())
+        context = getattr(error, "ctx", None)
+        if context is not None:
+            message += f" (see '{context.command_path} --help')"
+        return _fail(message, int(getattr(error, "exit_code", 2)))
+    except OSError as error:
+        return _fail(_os_error_line(error), 1)
+    except Exception as error:
+        if os.environ.get("CTRLAB_DEBUG"):
+            raise
+        first = " ".join(str(error).split())[:300]
+        return _fail(f"internal error ({type(error).__name__}: {first}); rerun with CTRLAB_DEBUG=1 for the "
+                     "traceback and please report it", 1)
+    # typer hands an Exit raised inside a command back as a plain return value when not in standalone mode.
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
-        if isinstance(error, click.ClickException):
-            error.show()
-            return error.exit_code
-        raise
-    return 0
+
+def _print_json(data: object) -> None:
+    """The command's result on stdout as strict JSON (an undefined metric is null, never a bare NaN)."""
+    from ctrlab.utils.io import json_text
+
+    out.print_json(json_text(data))
+
+
+def _fail(message: str, code: int, prefix: str = "[bold red]error:[/bold red] ") -> int:
+    # The message is data (paths, values from the file): escape it so rich prints "[no]" instead of eating it.
+    err.print(f"{prefix}{escape(message)}", highlight=False, soft_wrap=True)
+    return code
+
+
+def _os_error_line(error: OSError) -> str:
+    """``/path: No space left on device`` (both paths for a failed rename), whatever raised it."""
+    reason = error.strerror or str(error) or type(error).__name__
+    paths = [str(p) for p in (error.filename, error.filename2) if p]
+    return f"{' -> '.join(paths)}: {reason}" if paths else reason
 
 
 def entry() -> None:

@@ -1,7 +1,9 @@
 """One training run from a recipe: data -> model -> fit -> test -> artefacts in the output directory.
 
-The output directory is built under a temporary name and renamed into place only when the run succeeds, so a
-failed or interrupted run never leaves a half-written directory behind. It holds:
+The output directory is checked before any work (a folder ctrlab did not make is never touched; an earlier run of
+another recipe is replaced only with ``--overwrite``: see :mod:`ctrlab.utils.output_dir`), built under a temporary
+name and renamed into place only when the run succeeds, so a failed or interrupted run never leaves a half-written
+directory behind. It holds:
 
 ``recipe.yaml`` (the resolved recipe, which ``ctrlab train`` accepts again), ``processor.json``,
 ``model.safetensors`` (best weights), ``metrics.json`` (valid/test metrics, history, and the stored size of the
@@ -38,16 +40,19 @@ from ctrlab.config.schema import Recipe
 from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.pipeline import TRUE_PROBABILITY_COLUMN, PreparedData, prepare_data
 from ctrlab.embeddings.searchable import SearchableEmbeddingConfig
-from ctrlab.errors import RecipeError
+from ctrlab.config.train import TrainConfig
+from ctrlab.errors import DataError, RecipeError
 from ctrlab.models import CTRModel, build_model
-from ctrlab.tracking import RunLogger, learning_curve_figure, mlflow_run, system_tags
+from ctrlab.tracking import RunLogger, connect, learning_curve_figure, mlflow_run, system_tags
 from ctrlab.tracking.mlflow_tracker import redact_uri
 from ctrlab.train.device import resolve_device
+from ctrlab.train.footprint import check_data_footprint, check_model_footprint
 from ctrlab.train.metrics import auc
 from ctrlab.train.state import TrainingStateFile, recipe_digest, state_path
 from ctrlab.train.trainer import EpochCallback, FitResult, Trainer
 from ctrlab.utils.checkpoint import save_weights
-from ctrlab.utils.io import atomic_directory, write_json_atomic, write_text_atomic
+from ctrlab.utils.io import atomic_path, remove_stale, write_json_atomic, write_text_atomic
+from ctrlab.utils.output_dir import OutputFolder
 
 if TYPE_CHECKING:  # pragma: no cover
     from ctrlab.search.embedding_search import SearchOutcome
@@ -59,7 +64,12 @@ METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "test_predictions.parquet"
 LEARNING_CURVE_FILE = "learning_curve.png"
 EMBEDDING_SEARCH_DIR = "embedding_search"
+ATTENTION_FILE = "attention.png"
 TRACKED_FILES = (RECIPE_FILE, PROCESSOR_FILE, METRICS_FILE, WEIGHTS_FILE, LEARNING_CURVE_FILE)
+#: What a training run writes into its folder (and so replaces on a rerun); ``ctrlab explain``'s picture belongs to
+#: the model it was drawn from. Anything else in the folder (a ranking, a sweep) is carried into the new run.
+RUN_ENTRIES = frozenset({RECIPE_FILE, PROCESSOR_FILE, WEIGHTS_FILE, METRICS_FILE, PREDICTIONS_FILE,
+                         LEARNING_CURVE_FILE, EMBEDDING_SEARCH_DIR, ATTENTION_FILE})
 
 
 @dataclass
@@ -85,21 +95,41 @@ def resolved_recipe(recipe: Recipe, data: PreparedData) -> Recipe:
     return recipe.model_copy(update={"features": data.features, "dataset": dataset})
 
 
+def output_folder(recipe: Recipe, overwrite: bool = False) -> OutputFolder:
+    """The run's output folder with the rules of :mod:`ctrlab.utils.output_dir` (same recipe, or ``overwrite``)."""
+    return OutputFolder(recipe.output_dir, "train", recipe.name, recipe_digest(recipe_to_dict(recipe)), overwrite,
+                        own_entries=RUN_ENTRIES)
+
+
 def train_recipe(recipe: Recipe, data_dir: str | Path | None = None, console: Console | None = None,
-                 callbacks: list[EpochCallback] | None = None, parent_run_id: str | None = None) -> RunResult:
+                 callbacks: list[EpochCallback] | None = None, parent_run_id: str | None = None,
+                 overwrite: bool = False) -> RunResult:
     """Train, evaluate and save one run as the recipe describes; with tracking on, log it to MLflow as well
-    (nested under ``parent_run_id`` when given, e.g. a sweep's run)."""
+    (nested under ``parent_run_id`` when given, e.g. a sweep's run).
+
+    The output folder is checked before any work (:class:`~ctrlab.utils.output_dir.OutputFolder`): a folder that
+    ctrlab did not make is never touched, and an earlier run of another recipe is replaced only with
+    ``overwrite``."""
     console = console or Console(stderr=True)
     started = time.perf_counter()
+    folder = output_folder(recipe, overwrite)
+    folder.check()
+    connect(recipe.tracking)
+    if recipe.train.resume:
+        state_file = state_path(folder.target)
+        remove_stale(state_file.parent, state_file.name)
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
     device = resolve_device(recipe.train.device)
+    check_data_footprint(recipe.dataset)  # before generating data whose size the recipe fixes
     seed_everything(recipe.seed)
     data = prepare_data(recipe.dataset, recipe.features, recipe.seed, data_dir, console)
     if data.group_by is None and ("gauc" in recipe.train.metrics or
                                   (recipe.train.early_stopping and recipe.train.early_stopping.monitor == "gauc")):
         raise RecipeError("train.metrics: gauc needs dataset.group_by (the column that groups rows, e.g. a user id)")
+    check_labels(data, recipe.train)
     recipe = resolved_recipe(recipe, data)
+    check_model_footprint(recipe, data.processor.layout, device)  # before allocating it, and before MLflow logs it
     sizes = {s: len(v) for s, v in data.splits.items()}
     console.print(f"data: train {sizes['train']:,}  valid {sizes['valid']:,}  test {sizes['test']:,} rows; "
                   f"{data.processor.layout.num_fields} fields; device {device}", highlight=False, soft_wrap=True)
@@ -111,7 +141,8 @@ def train_recipe(recipe: Recipe, data_dir: str | Path | None = None, console: Co
                           soft_wrap=True)
             tracker.set_tags({**system_tags(), "system.device": str(device)})
             tracker.log_params(flatten(recipe_to_dict(recipe)))
-        metrics, fit, output_dir = _train_and_save(recipe, data, device, console, callbacks, tracker, started)
+        metrics, fit, output_dir = _train_and_save(recipe, data, device, console, callbacks, tracker, started,
+                                                   folder)
         if tracker is not None:
             _log_results(tracker, metrics, fit, output_dir, recipe.tracking.log_artifacts)
     _print_result(console, metrics, output_dir)
@@ -120,7 +151,7 @@ def train_recipe(recipe: Recipe, data_dir: str | Path | None = None, console: Co
 
 def _train_and_save(recipe: Recipe, data: PreparedData, device: torch.device, console: Console,
                     callbacks: list[EpochCallback] | None, tracker: RunLogger | None,
-                    started: float) -> tuple[dict[str, Any], FitResult, Path]:
+                    started: float, folder: OutputFolder) -> tuple[dict[str, Any], FitResult, Path]:
     """Build the model, fit, test and write the output directory (atomically)."""
     layout = data.processor.layout
     sizes = {s: len(v) for s, v in data.splits.items()}
@@ -130,8 +161,8 @@ def _train_and_save(recipe: Recipe, data: PreparedData, device: torch.device, co
     # The tracker logs each epoch before the caller's callbacks run (one of them may raise, e.g. a pruner).
     all_callbacks = ([tracker.log_epoch] if tracker is not None else []) + list(callbacks or [])
 
-    output_dir = Path(recipe.output_dir)
-    with atomic_directory(output_dir) as tmp:
+    output_dir = folder.target
+    with folder.build() as tmp:
         write_text_atomic(tmp / RECIPE_FILE, yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
         data.processor.save(tmp / PROCESSOR_FILE)
         search = _embedding_search(recipe, model, batches, device, console, tracker, tmp)  # prunes the model
@@ -159,13 +190,41 @@ def _train_and_save(recipe: Recipe, data: PreparedData, device: torch.device, co
         if TRUE_PROBABILITY_COLUMN in test_frame.columns:
             truth = test_frame.get_column(TRUE_PROBABILITY_COLUMN).to_numpy()
             metrics["bayes_optimal_test_auc"] = auc(batches["test"].label.numpy(), truth)  # type: ignore[union-attr]
-        pl.DataFrame({"probability": test_probabilities}).write_parquet(tmp / PREDICTIONS_FILE)
+        with atomic_path(tmp / PREDICTIONS_FILE) as predictions:
+            pl.DataFrame({"probability": test_probabilities}).write_parquet(predictions)
         if tracker is not None and recipe.tracking.log_artifacts and fit.history:
-            learning_curve_figure(fit.history).savefig(tmp / LEARNING_CURVE_FILE, dpi=100)
+            with atomic_path(tmp / LEARNING_CURVE_FILE) as curve:
+                learning_curve_figure(fit.history).savefig(curve, dpi=100, format="png")
         write_json_atomic(tmp / METRICS_FILE, metrics)
     if state is not None:
         state.remove()  # the run is complete and in place: nothing left to resume
     return metrics, fit, output_dir
+
+
+def check_labels(data: PreparedData, train: TrainConfig) -> None:
+    """Refuse splits on which training or the requested metrics mean nothing, before any training: a training split
+    of one class (nothing to learn), and a validation or test split of one class when AUC is asked for (it is
+    undefined there, so early stopping would watch NaN and the run would report NaN as a result). For gAUC at least
+    one group of the split must hold both classes."""
+    monitor = train.early_stopping.monitor if train.early_stopping is not None else None
+    wanted = set(train.metrics) | ({monitor} if monitor else set())
+    for split, encoded in data.splits.items():
+        labels = encoded.label
+        if labels is None or len(labels) == 0:
+            continue
+        positives = int(np.count_nonzero(labels))
+        source = data.raw.sources.get(split, f"{split} split")
+        if positives in (0, len(labels)) and (split == "train" or "auc" in wanted or "gauc" in wanted):
+            value = int(labels[0])
+            why = ("a click model needs both clicks (1) and non-clicks (0) to learn from" if split == "train" else
+                   "AUC is undefined on one class; give the split rows of both classes")
+            raise DataError(f"{source}: every label in the {split} split is {value} ({len(labels):,} rows); {why}")
+        if split != "train" and "gauc" in wanted and encoded.group is not None:
+            size = np.bincount(encoded.group)
+            clicks = np.bincount(encoded.group, weights=labels, minlength=len(size))
+            if not np.any((clicks > 0) & (clicks < size)):
+                raise DataError(f"{source}: no group of dataset.group_by holds both labels in the {split} split, so "
+                                "gAUC is undefined; choose another group column or drop gauc from train.metrics")
 
 
 def embedding_size(model: CTRModel) -> dict[str, int]:
