@@ -1,6 +1,7 @@
 """Registry and serving: a run registered as a pyfunc model scores raw rows exactly like ctrlab in process, in
-Python and over HTTP through `mlflow models serve --env-manager local`; bad requests get 400s with messages naming
-the column, and the server keeps answering."""
+Python and over HTTP through `ctrlab serve` (ctrlab's own scoring server) and `ctrlab serve --backend mlflow`
+(`mlflow models serve --env-manager local`); bad requests get 400s with messages naming the column, and the server
+keeps answering. tests/test_serving_http.py covers the HTTP boundary in depth."""
 
 from __future__ import annotations
 
@@ -72,12 +73,24 @@ def server(registered):
         yield served
 
 
-def test_http_predictions_equal_in_process(registered, server) -> None:
+@pytest.fixture(scope="module")
+def mlflow_server(registered):
+    from ctrlab.serve.server import serve_registered
+
+    with serve_registered("serve_t", "champion", tracking_uri=registered[0], backend="mlflow") as served:
+        yield served
+
+
+@pytest.mark.parametrize("backend", ["ctrlab", "mlflow"])
+def test_http_predictions_equal_in_process(registered, backend: str, request: pytest.FixtureRequest) -> None:
     _, _, rows, predictor = registered
-    status, body = server.predict_records(_records(rows.head(200)))
+    served_model = request.getfixturevalue("server" if backend == "ctrlab" else "mlflow_server")
+    status, body = served_model.predict_records(_records(rows.head(200)))
     assert status == 200
     served = np.array([p["probability"] for p in body["predictions"]])
     np.testing.assert_allclose(served, predictor.predict(rows.head(200)), rtol=0, atol=1e-6)
+    status, body = served_model.predict_records(_records(rows.head(3).drop("C2")))
+    assert status == 400 and "column 'C2'" in body["message"]
 
 
 def test_http_bad_requests_then_good_one(registered, server) -> None:

@@ -26,18 +26,11 @@ class CtrlabPyfuncModel(PythonModel):  # type: ignore[misc,valid-type]
     a non-numeric value in a numeric column or an empty batch is an input error (HTTP 400 when served)."""
 
     def load_context(self, context: Any) -> None:
-        from ctrlab.config.loader import read_recipe_file, validate_recipe
-        from ctrlab.data.processor import FeatureProcessor
-        from ctrlab.models import build_model
-        from ctrlab.serve.predictor import Predictor
-        from ctrlab.utils.checkpoint import load_weights
+        # The same loader as `ctrlab serve` and `ctrlab register`: safe YAML, JSON and safetensors, never a pickle.
+        from ctrlab.serve.registry import predictor_from_files
 
         artifacts = {k: Path(context.artifacts[k]) for k in ARTIFACT_KEYS}
-        recipe = validate_recipe(read_recipe_file(artifacts["recipe"]), str(artifacts["recipe"]))
-        processor = FeatureProcessor.load(artifacts["processor"])
-        model = build_model(recipe.embedding, recipe.model, processor.layout)
-        load_weights(model, artifacts["weights"])
-        self.predictor = Predictor(recipe, processor, model)
+        self.predictor = predictor_from_files(artifacts["recipe"], artifacts["processor"], artifacts["weights"])
 
     # No type hints on predict: MLflow would try to derive a schema from them; the signature logged with the model
     # is the schema.
