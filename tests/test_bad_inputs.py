@@ -19,7 +19,7 @@ import yaml
 
 from ctrlab.blocks import BLOCKS
 from ctrlab.cli import main
-from tiny import HEADER, write_tiny_splits
+from tiny import HEADER, one_line_error, write_tiny_splits
 from tiny import tiny_recipe as _recipe
 from tiny import tiny_rows as _rows
 from tiny import write_csv as _write_csv
@@ -47,23 +47,7 @@ def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]
     return code, ANSI.sub("", captured.out), ANSI.sub("", captured.err)
 
 
-def _one_line_error(code: int, err: str, *needles: str, progress_before: bool = False) -> str:
-    """Exit status 2 and exactly one non-empty stderr line, ``error: ...``, containing every needle.
-
-    ``progress_before``: the failure comes after the run has started, so progress lines may precede the error;
-    the error is still the single last line."""
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    if progress_before:
-        assert not any(line.startswith("error") for line in lines[:-1]), err
-        lines = lines[-1:]
-    assert len(lines) == 1, f"expected one line, got {len(lines)}:\n{err}"
-    line = lines[0]
-    assert line.startswith("error: "), line
-    for needle in needles:
-        assert needle in line, f"{needle!r} not in {line!r}"
-    assert code == 2, (code, line)
-    return line
+_one_line_error = one_line_error
 
 
 def _nothing_half_written(output_dir: Path, cache: Path) -> None:

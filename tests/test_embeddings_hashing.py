@@ -18,7 +18,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 from rich.console import Console
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ctrlab.blocks import BLOCKS
 from ctrlab.config.loader import validate_recipe

@@ -17,13 +17,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from rich.console import Console
 from safetensors.torch import load_file, save_file
 
-from ctrlab.config.loader import validate_recipe
 from ctrlab.errors import CtrlabError
 from ctrlab.serve.registry import check_alias, check_model_name
-from ctrlab.train.run import train_recipe
+
+from tiny import train_small_synthetic_run
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -33,22 +32,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """A finished run tracked in a fresh SQLite store: (run directory, tracking URI)."""
     root = tmp_path_factory.mktemp("register")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    previous = os.environ.get("CTRLAB_CACHE_DIR")
-    os.environ["CTRLAB_CACHE_DIR"] = str(root / "cache")
-    try:
-        recipe = validate_recipe({
-            "name": "register_t", "output_dir": str(root / "run"),
-            "dataset": {"synthetic": {"rows": 6000, "categorical_fields": 4, "numeric_fields": 2,
-                                       "informative_fields": 2, "interaction_pairs": 1, "numeric_informative": 1}},
-            "model": {"block": "deepfm", "mlp": {"hidden": [16]}}, "embedding": {"dim": 4},
-            "train": {"epochs": 1, "progress": False, "device": "cpu"}, "tracking": {"uri": uri},
-        })
-        result = train_recipe(recipe, console=Console(quiet=True))
-    finally:
-        if previous is None:
-            os.environ.pop("CTRLAB_CACHE_DIR", None)
-        else:
-            os.environ["CTRLAB_CACHE_DIR"] = previous
+    _, result = train_small_synthetic_run(root, "register_t", {"uri": uri})
     return result.output_dir, uri
 
 

@@ -5,17 +5,16 @@ keeps answering. tests/test_serving_http.py covers the HTTP boundary in depth.""
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import polars as pl
 import pytest
 from rich.console import Console
 
-from ctrlab.config.loader import validate_recipe
 from ctrlab.data.pipeline import load_raw_splits
 from ctrlab.serve import Predictor
-from ctrlab.train.run import train_recipe
+
+from tiny import train_small_synthetic_run
 
 mlflow = pytest.importorskip("mlflow")
 QUIET = Console(quiet=True)
@@ -27,15 +26,7 @@ def registered(tmp_path_factory: pytest.TempPathFactory):
 
     root = tmp_path_factory.mktemp("serving")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    os.environ["CTRLAB_CACHE_DIR"] = str(root / "cache")
-    recipe = validate_recipe({
-        "name": "serve_t", "output_dir": str(root / "run"),
-        "dataset": {"synthetic": {"rows": 6000, "categorical_fields": 4, "numeric_fields": 2, "informative_fields": 2,
-                                   "interaction_pairs": 1, "numeric_informative": 1}},
-        "model": {"block": "deepfm", "mlp": {"hidden": [16]}}, "embedding": {"dim": 4},
-        "train": {"epochs": 1, "progress": False, "device": "cpu"}, "tracking": {"uri": uri},
-    })
-    result = train_recipe(recipe, console=QUIET)
+    recipe, result = train_small_synthetic_run(root, "serve_t", {"uri": uri})
     version = register_run(str(result.output_dir), "serve_t", alias="champion", tracking_uri=uri)
     raw = load_raw_splits(recipe.dataset, recipe.seed).frames["test"]
     predictor = Predictor.from_run(result.output_dir)

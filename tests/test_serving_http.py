@@ -8,7 +8,6 @@ from __future__ import annotations
 import http.client
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,13 +18,12 @@ import polars as pl
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from rich.console import Console
 
-from ctrlab.config.loader import validate_recipe
 from ctrlab.data.pipeline import load_raw_splits
 from ctrlab.serve import Predictor
 from ctrlab.serve.server import ServedModel, free_port, serve_registered
-from ctrlab.train.run import train_recipe
+
+from tiny import train_small_synthetic_run
 
 mlflow = pytest.importorskip("mlflow")
 MAX_BODY = 100_000
@@ -40,24 +38,9 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, pl.DataFrame, 
 
     root = tmp_path_factory.mktemp("serving_http")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    previous = os.environ.get("CTRLAB_CACHE_DIR")
-    os.environ["CTRLAB_CACHE_DIR"] = str(root / "cache")
-    try:
-        recipe = validate_recipe({
-            "name": NAME, "output_dir": str(root / "run"),
-            "dataset": {"synthetic": {"rows": 6000, "categorical_fields": 4, "numeric_fields": 2,
-                                       "informative_fields": 2, "interaction_pairs": 1, "numeric_informative": 1}},
-            "model": {"block": "deepfm", "mlp": {"hidden": [16]}}, "embedding": {"dim": 4},
-            "train": {"epochs": 1, "progress": False, "device": "cpu"}, "tracking": {"enabled": False},
-        })
-        result = train_recipe(recipe, console=Console(quiet=True))
-        register_run(str(result.output_dir), NAME, alias="champion", tracking_uri=uri)
-        rows = load_raw_splits(recipe.dataset, recipe.seed).frames["test"]
-    finally:
-        if previous is None:
-            os.environ.pop("CTRLAB_CACHE_DIR", None)
-        else:
-            os.environ["CTRLAB_CACHE_DIR"] = previous
+    recipe, result = train_small_synthetic_run(root, NAME, {"enabled": False})
+    register_run(str(result.output_dir), NAME, alias="champion", tracking_uri=uri)
+    rows = load_raw_splits(recipe.dataset, recipe.seed).frames["test"]
     predictor = Predictor.from_run(result.output_dir)
     assert predictor.input_columns == COLUMNS
     return uri, rows.select(COLUMNS), predictor

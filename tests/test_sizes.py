@@ -31,7 +31,7 @@ from ctrlab.datasets.synthetic import SyntheticConfig
 from ctrlab.embeddings import EMBEDDINGS
 from ctrlab.errors import RecipeError
 from ctrlab.train.footprint import LIMIT_ENV, MemoryLimit, check_model_footprint, estimate_model
-from tiny import tiny_recipe, write_tiny_splits
+from tiny import one_line_error, tiny_recipe, write_tiny_splits
 
 REPO = Path(__file__).resolve().parents[1]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -75,21 +75,7 @@ def _cli(capsys: pytest.CaptureFixture[str], *args: Any) -> tuple[int, str, str,
     return code, ANSI.sub("", captured.out), ANSI.sub("", captured.err), elapsed
 
 
-def _one_line_error(code: int, err: str, *needles: str, progress_before: bool = False) -> str:
-    """Exit status 2 and one ``error: ...`` line holding every needle; with ``progress_before`` (the check runs once
-    the data is read) progress lines may come first, the error is the last line and the only one."""
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    if progress_before:
-        assert not any(line.startswith("error") for line in lines[:-1]), err
-        lines = lines[-1:]
-    assert len(lines) == 1, f"expected one line, got {len(lines)}:\n{err}"
-    line = lines[0]
-    assert line.startswith("error: "), line
-    for needle in needles:
-        assert needle in line, f"{needle!r} not in {line!r}"
-    assert code == 2, (code, line)
-    return line
+_one_line_error = one_line_error
 
 
 def _refused_quickly(capsys: pytest.CaptureFixture[str], tmp_path: Path, args: list[Any], *needles: str,

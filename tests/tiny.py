@@ -43,3 +43,50 @@ def tiny_recipe(tmp_path: Path, data_dir: Path, **sections: Any) -> dict[str, An
     }
     recipe.update(sections)
     return recipe
+
+
+def one_line_error(code: int, err: str, *needles: str, progress_before: bool = False) -> str:
+    """Exit status 2 and exactly one non-empty stderr line, ``error: ...``, containing every needle.
+
+    ``progress_before``: the failure comes after the run has started, so progress lines may precede the error;
+    the error is still the single last line."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    if progress_before:
+        assert not any(line.startswith("error") for line in lines[:-1]), err
+        lines = lines[-1:]
+    assert len(lines) == 1, f"expected one line, got {len(lines)}:\n{err}"
+    line = lines[0]
+    assert line.startswith("error: "), line
+    for needle in needles:
+        assert needle in line, f"{needle!r} not in {line!r}"
+    assert code == 2, (code, line)
+    return line
+
+
+def train_small_synthetic_run(root: Path, name: str, tracking: dict[str, Any]) -> tuple[Any, Any]:
+    """Train the small synthetic DeepFM the registry and serving tests share (4 categorical and 2 numeric fields,
+    one epoch) into ``root / "run"``, with its cache under ``root``; returns (recipe, run result)."""
+    import os
+
+    from rich.console import Console
+
+    from ctrlab.config.loader import validate_recipe
+    from ctrlab.train.run import train_recipe
+
+    previous = os.environ.get("CTRLAB_CACHE_DIR")
+    os.environ["CTRLAB_CACHE_DIR"] = str(root / "cache")
+    try:
+        recipe = validate_recipe({
+            "name": name, "output_dir": str(root / "run"),
+            "dataset": {"synthetic": {"rows": 6000, "categorical_fields": 4, "numeric_fields": 2,
+                                       "informative_fields": 2, "interaction_pairs": 1, "numeric_informative": 1}},
+            "model": {"block": "deepfm", "mlp": {"hidden": [16]}}, "embedding": {"dim": 4},
+            "train": {"epochs": 1, "progress": False, "device": "cpu"}, "tracking": tracking,
+        })
+        return recipe, train_recipe(recipe, console=Console(quiet=True))
+    finally:
+        if previous is None:
+            os.environ.pop("CTRLAB_CACHE_DIR", None)
+        else:
+            os.environ["CTRLAB_CACHE_DIR"] = previous
