@@ -315,3 +315,31 @@ def test_serving_from_a_missing_store_creates_nothing(tmp_path: Path) -> None:
     result = _serve(f"sqlite:///{database}", NAME)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
     assert "typo.db" in result.stderr and not database.exists()
+
+
+@pytest.mark.parametrize("sig, code, word", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_a_signal_stops_the_server_with_its_status_and_one_line(model, sig: str, code: int, word: str) -> None:
+    """Ctrl-C (or a supervisor's SIGTERM) stops `ctrlab serve` with the shell's status for that signal and one
+    closing line, never a traceback."""
+    import os
+    import signal
+    import time
+    import urllib.request
+
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": model[0]}
+    process = subprocess.Popen([sys.executable, "-m", "ctrlab", "serve", NAME, "--port", str(port)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while True:
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read() if process.stderr else ""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                break
+        except OSError:
+            time.sleep(0.2)
+    process.send_signal(getattr(signal, sig))
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == code, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and lines[-1].startswith(word), err
