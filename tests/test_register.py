@@ -186,14 +186,14 @@ def _accepts(check: Any, value: str) -> bool:
 NAME_TEXT = st.text(alphabet=st.sampled_from(list("ab_-. /:%\\?@#xyzV19") + ["\n", "\u00e9", "\u4e2d"]), max_size=12)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
 @given(NAME_TEXT)
 def test_name_rule_is_at_least_as_strict_as_mlflow(name: str) -> None:
     if _accepts(check_model_name, name):
         assert _mlflow_accepts_name(name), name
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
 @given(st.one_of(NAME_TEXT, st.from_regex(r"[vV]\d{1,3}", fullmatch=True), st.sampled_from(["latest", "LATEST"])))
 def test_alias_rule_is_mlflows(alias: str) -> None:
     assert _accepts(check_alias, alias) == _mlflow_accepts_alias(alias), alias
