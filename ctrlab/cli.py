@@ -118,8 +118,9 @@ def serve(
         raise CtrlabError(f"--backend: must be ctrlab or mlflow, got {backend[:40]!r}")
     if not 0 < port < 65536:
         raise CtrlabError(f"--port: must be between 1 and 65535, got {port}")
-    if workers < 1:
-        raise CtrlabError(f"--workers: must be at least 1, got {workers}")
+    most = 4 * (os.cpu_count() or 1)  # each worker loads its own model copy: more than this only thrashes
+    if not 1 <= workers <= most:
+        raise CtrlabError(f"--workers: must be between 1 and {most} (4 per CPU core), got {workers}")
     if max_body_bytes is not None and max_body_bytes < 1:
         raise CtrlabError(f"--max-body-bytes: must be at least 1, got {max_body_bytes}")
     # The same store `ctrlab register` wrote to: --tracking-uri, $MLFLOW_TRACKING_URI, else ~/.ctrlab/mlflow.db.

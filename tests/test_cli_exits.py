@@ -63,6 +63,7 @@ FAILURES = {
                                     "tracking.uri: cannot use garbage://x"),
     "serve: nobody at the tracking server": (["serve", "m", "--tracking-uri", f"http://127.0.0.1:{_closed_port()}"],
                                              "--tracking-uri: cannot reach"),
+    "serve: absurd worker count": (["serve", "m", "--workers", "100000"], "--workers: must be between 1 and"),
     "datasets: unknown option": (["datasets", "list", "--colour"], "No such option: --colour"),
     "unknown command": (["trian", "recipe.yaml"], "No such command 'trian'"),
     "missing argument": (["train"], "Missing argument"),
