@@ -170,6 +170,8 @@ def explain(
     from ctrlab.serve.explain import check_picture_path, explain_run
     from ctrlab.train.run import RECIPE_FILE
 
+    if rows < 1:
+        raise CtrlabError(f"--rows: must be at least 1, got {rows}")
     if output is not None:
         check_picture_path(output)
     recipe = validate_recipe(read_recipe_file(run / RECIPE_FILE), str(run / RECIPE_FILE))
@@ -205,8 +207,10 @@ def rank(
 
     if heuristic not in HEURISTICS:
         raise RecipeError(f"--heuristic: must be one of {', '.join(HEURISTICS)}, got '{heuristic}'")
-    if bins < 2 or pair_candidates < 0 or pair_rows < 1:
-        raise RecipeError("--bins must be at least 2, --pair-candidates at least 0 and --pair-rows at least 1")
+    if not 2 <= bins <= 10_000 or pair_candidates < 0 or pair_rows < 1 or seed < 0 or (sample is not None and
+                                                                                        sample < 1):
+        raise RecipeError("--bins must be 2..10,000, --pair-candidates at least 0, --pair-rows and --sample at least "
+                          "1 and --seed at least 0")
     options = RankingOptions(heuristic=heuristic, bins=bins, seed=seed,  # type: ignore[arg-type]
                              pair_candidates=pair_candidates, pair_rows=pair_rows)
     result = run_rank(source, overrides or [], options, target=target, sample=sample, output_dir=output,

@@ -38,6 +38,8 @@ def workdir(tmp_path: Path, cache_dir: Path) -> Path:
     recipe = tiny_recipe(tmp_path, data, tracking={"enabled": False})
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     (tmp_path / "nosearch.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    os.mkfifo(tmp_path / "pipe.yaml")  # a reader of a FIFO nobody writes would wait forever
+    os.mkfifo(tmp_path / "pipe.csv")
     return tmp_path
 
 
@@ -64,6 +66,15 @@ FAILURES = {
     "serve: nobody at the tracking server": (["serve", "m", "--tracking-uri", f"http://127.0.0.1:{_closed_port()}"],
                                              "--tracking-uri: cannot reach"),
     "serve: absurd worker count": (["serve", "m", "--workers", "100000"], "--workers: must be between 1 and"),
+    "validate: the recipe is a pipe": (["validate", "pipe.yaml"], "pipe.yaml: is not a regular file"),
+    "rank: the data is a pipe": (["rank", "pipe.csv", "--no-track"], "pipe.csv: is not a regular file"),
+    "rank: absurd bins": (["rank", "data/train.csv", "--bins", "99999999999", "--no-track"], "--bins must be"),
+    "train: a learning rate beyond float32": (["train", "recipe.yaml", "train.optimizer.lr=1e39"],
+                                              "train.optimizer.lr: Input should be less than or equal to 1000"),
+    "train: output under /proc": (["train", "recipe.yaml", "output_dir=/proc/ctrlab-out"], "cannot be written"),
+    "serve: not a tracking store": (["serve", "m", "--tracking-uri", "foo://bar"],
+                                    "--tracking-uri: cannot use foo://bar"),
+    "explain: negative rows": (["explain", "no-run", "--rows", "-1"], "--rows: must be at least 1"),
     "datasets: unknown option": (["datasets", "list", "--colour"], "No such option: --colour"),
     "unknown command": (["trian", "recipe.yaml"], "No such command 'trian'"),
     "missing argument": (["train"], "Missing argument"),

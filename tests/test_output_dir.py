@@ -140,6 +140,20 @@ def test_rerun_of_the_same_recipe_replaces_its_run_and_keeps_what_others_wrote(c
     assert [p.name for p in out.parent.iterdir()] == ["t"], "leftovers beside the run"
 
 
+def test_a_users_folder_that_looks_like_a_run_is_not_replaced_even_with_overwrite(capsys, tmp_path, data_dir,
+                                                                                  cache_dir) -> None:
+    mine = tmp_path / "results"
+    mine.mkdir()
+    (mine / "recipe.yaml").write_text("mine", encoding="utf-8")
+    (mine / "metrics.json").write_text('{"mine": 1}', encoding="utf-8")
+    (mine / "keep.txt").write_text("keep", encoding="utf-8")
+    before = _snapshot(mine)
+    recipe = _recipe(tmp_path, data_dir, mine)
+    before = _snapshot(mine)
+    _refused(*_cli(capsys, "train", recipe, "--overwrite"), "not made by ctrlab", "keep.txt")
+    assert _snapshot(mine) == before
+
+
 def test_an_unmarked_earlier_run_needs_overwrite_and_a_folder_of_runs_is_refused(capsys, tmp_path, data_dir,
                                                                                  cache_dir) -> None:
     out = tmp_path / "runs" / "t"

@@ -61,6 +61,9 @@ class DatasetConfig(Section):
                 "give exactly one data source: card, synthetic, or files (train/valid/test or path); "
                 f"got {', '.join(sources) or 'none'}"
             )
+        if self.columns is not None and len(set(self.columns)) != len(self.columns):
+            twice = sorted({c for c in self.columns if self.columns.count(c) > 1})
+            raise ValueError(f"columns: {', '.join(twice)} named more than once")
         if self.train is not None and self.path is not None:
             raise ValueError("give either train/valid/test or path, not both")
         if self.train is not None and (self.valid is None or self.test is None):

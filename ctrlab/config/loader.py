@@ -427,6 +427,8 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
         raise RecipeError(f"{path}: recipe file not found")
     if path.is_dir():
         raise RecipeError(f"{path}: is a directory, expected a recipe file")
+    if not path.is_file():  # a FIFO or a device would block the read forever
+        raise RecipeError(f"{path}: is not a regular file (a pipe or a device?), expected a recipe file")
     try:
         size = path.stat().st_size
         if size > MAX_RECIPE_BYTES:

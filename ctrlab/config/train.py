@@ -18,9 +18,10 @@ class OptimizerConfig(Section):
     """
 
     name: Literal["adam", "adagrad"] = "adam"
-    lr: float = Field(1e-3, gt=0)
-    embedding_weight_decay: float = Field(0.0, ge=0)
-    dense_weight_decay: float = Field(0.0, ge=0)
+    # Finite is not enough: torch keeps these in float32, where 1e39 is already infinite.
+    lr: float = Field(1e-3, gt=0, le=1e3)
+    embedding_weight_decay: float = Field(0.0, ge=0, le=1e3)
+    dense_weight_decay: float = Field(0.0, ge=0, le=1e3)
     embedding_regularizer: Literal["weight_decay", "mini_batch_aware"] = Field(
         "weight_decay",
         description="how embedding_weight_decay applies to embedding tables: weight decay, or DIN's mini-batch "

@@ -381,4 +381,10 @@ class FeatureProcessor:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: processor file is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except DataError as error:
+            raise DataError(f"{path}: {error.message}") from None
+        except Exception as error:  # a hand-edited or damaged file: any shape at all
+            raise DataError(f"{path}: not a ctrlab processor state ({type(error).__name__}: "
+                            f"{' '.join(str(error).split())[:120]})") from None

@@ -41,6 +41,8 @@ def _check_exists(path: Path) -> None:
         raise DataError(f"{path}: data file not found")
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected a data file")
+    if not path.is_file():  # a FIFO or a device would block the reader forever or never end
+        raise DataError(f"{path}: is not a regular file (a pipe or a device?), expected a data file")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty")
 

@@ -108,6 +108,8 @@ def _from_file(path: Path, target: str) -> RankInput:
 
     if not path.exists():
         raise DataError(f"{path}: no such file")
+    if not path.is_file():  # a FIFO or a device would block the reader forever
+        raise DataError(f"{path}: is not a regular file (a pipe or a device?), expected a data file")
     fmt = infer_format(path)
     frame: pl.DataFrame | ParquetColumns
     try:

@@ -246,11 +246,11 @@ def register_run(run: str, name: str, alias: str | None = None, tracking_uri: st
 
     from ctrlab import __version__
     from ctrlab.tracking import mlflow_run, resolve_tracking_uri
-    from ctrlab.tracking.mlflow_tracker import check_reachable
+    from ctrlab.tracking.mlflow_tracker import open_store
 
     recipe = predictor.recipe
     uri = tracking_uri or resolve_tracking_uri(recipe.tracking)
-    check_reachable(uri, "--tracking-uri")
+    open_store(uri, "--tracking-uri")
     tracking = recipe.tracking.model_copy(update={"enabled": True, "uri": uri})
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
@@ -294,7 +294,7 @@ class ResolvedModel:
 def resolve_model(name: str, alias: str | None, version: str | None, tracking_uri: str | None) -> ResolvedModel:
     """Find ``name`` at ``alias`` (default champion) or ``version`` in the tracking store; a missing store, model,
     alias or version is a one-line :class:`CtrlabError` naming it."""
-    from ctrlab.tracking.mlflow_tracker import _sqlite_path, check_reachable, redact_uri
+    from ctrlab.tracking.mlflow_tracker import _sqlite_path, open_store, redact_uri
 
     if alias and version:
         raise CtrlabError("give either --alias or --version, not both")
@@ -311,7 +311,7 @@ def resolve_model(name: str, alias: str | None, version: str | None, tracking_ur
         # Opening a missing SQLite store would create an empty one as a side effect of a typo.
         raise CtrlabError(f"no MLflow tracking store at {database} (set --tracking-uri or $MLFLOW_TRACKING_URI to the "
                           "store `ctrlab register` wrote to)")
-    check_reachable(uri, "--tracking-uri")
+    open_store(uri, "--tracking-uri")
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 

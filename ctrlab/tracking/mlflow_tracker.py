@@ -136,13 +136,13 @@ def check_reachable(uri: str, key: str = "tracking.uri") -> None:
                           ) from None
 
 
-def _client(uri: str) -> MlflowClient:
+def _client(uri: str, key: str = "tracking.uri") -> MlflowClient:
     """One client per tracking URI for the whole process (opening a SQLite store checks its schema: ~1 s). A URI
-    MLflow cannot use is a one-line :class:`RecipeError` naming ``tracking.uri``."""
+    MLflow cannot use is a one-line :class:`RecipeError` naming ``key``."""
     with _clients_lock:
         client = _clients.get(uri)
         if client is None:
-            check_reachable(uri)
+            check_reachable(uri, key)
             with _quiet_mlflow():
                 from mlflow import MlflowClient
 
@@ -150,15 +150,25 @@ def _client(uri: str) -> MlflowClient:
                     db = _sqlite_path(uri)
                     if db is not None:
                         db.parent.mkdir(parents=True, exist_ok=True)
+                        # MLflow retries an engine it cannot open (a folder, /proc, not a database) for minutes.
+                        import sqlite3
+
+                        with contextlib.closing(sqlite3.connect(str(db), timeout=10)) as connection:
+                            connection.execute("pragma schema_version")
                     client = MlflowClient(tracking_uri=uri)
                     client.search_experiments(max_results=1)  # creates/migrates the store now, quietly
                 except Exception as error:
                     reason = " ".join(str(error).split())[:200] or type(error).__name__
-                    raise RecipeError(f"tracking.uri: cannot use {redact_uri(uri)} as an MLflow store "
-                                      f"({type(error).__name__}: {reason}); fix it or set tracking.enabled=false"
-                                      ) from None
+                    hint = "; fix it or set tracking.enabled=false" if key == "tracking.uri" else "; fix it"
+                    raise RecipeError(f"{key}: cannot use {redact_uri(uri)} as an MLflow store "
+                                      f"({type(error).__name__}: {reason}){hint}") from None
             _clients[uri] = client
         return client
+
+
+def open_store(uri: str, key: str) -> None:
+    """Check now that ``uri`` is a usable MLflow store (reachable, openable), naming ``key`` when it is not."""
+    _client(uri, key)
 
 
 def connect(tracking: TrackingConfig) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ctrlab.errors import RecipeError
-from ctrlab.utils.io import atomic_directory, leftovers, remove_stale, write_json_atomic
+from ctrlab.utils.io import atomic_directory, leftovers, remove_stale, write_json_atomic, writer_stamp
 
 MARKER_FILE = ".ctrlab.json"
 # Commands whose folders hold results of their own: another command's folder may sit inside a run (a ranking),
@@ -134,6 +135,12 @@ class OutputFolder:
             raise self._refuse(f"cannot be created: '{probe}' is a file")
         if not os.access(probe, os.W_OK | os.X_OK):
             raise self._refuse(f"cannot be written: no write permission on '{probe}'")
+        # os.access says yes to root everywhere, /proc and read-only mounts included: try it for real (a folder
+        # named like this run's own temporaries, removed at once), so that no work is done for nothing.
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=f".{resolved.name}.{writer_stamp()}.", suffix=".partial", dir=probe))
+        except OSError as error:
+            raise self._refuse(f"cannot be written: {error.strerror or error} in '{probe}'") from None
 
     def _check_existing(self, folder: Path) -> None:
         marker = read_marker(folder)
@@ -147,7 +154,10 @@ class OutputFolder:
         entries = [e for e in folder.iterdir()]
         if not entries:
             return
-        if self.command == "train" and (folder / "recipe.yaml").is_file() and (folder / "metrics.json").is_file():
+        names = {e.name for e in entries}
+        earlier_run = ({"recipe.yaml", "processor.json", "model.safetensors", "metrics.json"} <= names and
+                       all(e.name in self.own_entries or _is_ctrlab_made(e) for e in entries))
+        if self.command == "train" and earlier_run:
             if self.overwrite:
                 return
             raise self._refuse("holds an earlier ctrlab run; pass --overwrite to replace it, or choose another "
