@@ -148,3 +148,18 @@ def test_nested_values_in_a_scalar_feature_are_named(capsys, tmp_path, data_dir,
     dataset = {"path": "nested.parquet", "data_dir": str(data_dir), "label": "label", "split": {"kind": "random"}}
     line = _error_line(*_train(capsys, tmp_path, data_dir, dataset=dataset))
     assert f"column '{column}' named in features.{kind} holds" in line and "one value per row" in line, line
+
+
+def test_time_and_duration_columns_that_cannot_be_read_are_named(capsys, tmp_path, data_dir, cache_dir) -> None:
+    import datetime
+
+    frame = pl.read_csv(data_dir / "all.csv", infer_schema=False)
+    frame = frame.with_columns(pl.Series("a", [datetime.timedelta(seconds=i % 4) for i in range(frame.height)]))
+    frame.write_parquet(data_dir / "durations.parquet")
+    dataset = {"path": "durations.parquet", "data_dir": str(data_dir), "label": "label", "split": {"kind": "random"}}
+    line = _error_line(*_train(capsys, tmp_path, data_dir, dataset=dataset))
+    assert "column 'a' named in features.categorical holds Duration" in line, line
+    dataset = {"path": "all.csv", "data_dir": str(data_dir), "label": "label",
+               "split": {"kind": "time", "time_column": "a"}}
+    line = _error_line(*_train(capsys, tmp_path, data_dir, dataset=dataset))
+    assert "time column 'a' holds text that is neither numbers nor dates" in line, line

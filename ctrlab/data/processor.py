@@ -141,13 +141,19 @@ class FeatureProcessor:
             for spec in specs:
                 dtype = frame.schema[spec.name]
                 nested = isinstance(dtype, (pl.List, pl.Array))
-                if isinstance(dtype, (pl.Struct, pl.Object, pl.Binary)) or (nested and section != "features.sequence"):
+                if (isinstance(dtype, (pl.Struct, pl.Object, pl.Binary, pl.Duration, pl.Time))
+                        or (nested and section != "features.sequence")):
                     raise DataError(f"{source}: column '{spec.name}' named in {section} holds {dtype} values; a "
                                     f"{section.split('.')[1]} feature needs "
                                     f"{'a list or a separated string' if section.endswith('sequence') else 'one value'}"
                                     " per row")
         if with_label and self.label not in frame.columns:
             raise DataError(f"{source}: label column '{self.label}' is not in the data (set dataset.label)")
+        for role, name in (("label", self.label if with_label else None), ("group", self.group_by)):
+            dtype = frame.schema.get(name) if name is not None else None
+            if dtype is not None and (dtype.is_nested() or isinstance(dtype, (pl.Object, pl.Binary, pl.Duration))):
+                raise DataError(f"{source}: {role} column '{name}' holds {dtype} values; it needs one plain value per "
+                                "row")
         if self.group_by is not None and with_label and self.group_by not in frame.columns:
             raise DataError(f"{source}: group column '{self.group_by}' (dataset.group_by) is not in the data")
 
@@ -252,7 +258,8 @@ class FeatureProcessor:
         if spec.transform in ("log", "log_standardize"):
             filled = np.sign(filled) * np.log1p(np.abs(filled))
         if spec.transform in ("standardize", "log_standardize"):
-            std = float(filled.std()) if len(filled) else 1.0
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow shows as a non-finite std: 1.0 below
+                std = float(filled.std()) if len(filled) else 1.0
             stats["mean"] = float(filled.mean()) if len(filled) else 0.0
             stats["std"] = std if std > 0 and math.isfinite(std) else 1.0
         if spec.transform == "bucketize":

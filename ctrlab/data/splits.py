@@ -28,8 +28,15 @@ def split_frame(frame: pl.DataFrame, config: SplitConfig, seed: int, source: str
             raise DataError(f"{source}: time column '{column}' (dataset.split.time_column) is not in the data")
         times = frame.get_column(column)
         if not times.dtype.is_numeric() and not times.dtype.is_temporal():
+            if times.dtype != pl.String:
+                raise DataError(f"{source}: time column '{column}' holds {times.dtype} values; it needs numbers, "
+                                "dates or date-times")
             numeric = times.cast(pl.Float64, strict=False)
-            times = numeric if numeric.null_count() == times.null_count() else times.str.to_datetime(strict=False)
+            try:
+                times = numeric if numeric.null_count() == times.null_count() else times.str.to_datetime(strict=False)
+            except pl.exceptions.PolarsError:  # no single date format fits the column's text
+                raise DataError(f"{source}: time column '{column}' holds text that is neither numbers nor dates in "
+                                "one format") from None
         if times.null_count():
             row = int(times.is_null().arg_true()[0])
             raise DataError(f"{source}: column '{column}' row {row + 1}: time value is missing or unparseable")

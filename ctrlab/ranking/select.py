@@ -14,11 +14,14 @@ def read_ranking(path: str | Path) -> list[str]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"features.select.ranking: no ranking file {path} (write one with `ctrlab rank`)")
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None or not {"feature", "rank"} <= set(reader.fieldnames):
-            raise DataError(f"{path}: not a ranking file (needs columns feature and rank)")
-        rows = list(reader)
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None or not {"feature", "rank"} <= set(reader.fieldnames):
+                raise DataError(f"{path}: not a ranking file (needs columns feature and rank)")
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"{path}: not a ranking file ({type(error).__name__})") from None
     if not rows:
         raise DataError(f"{path}: ranking file has no features")
     try:

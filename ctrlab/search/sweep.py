@@ -41,7 +41,7 @@ from ctrlab.config.schema import Recipe
 from ctrlab.config.search import SearchConfig
 from ctrlab.errors import CtrlabError, RecipeError
 from ctrlab.search.space import apply_params, check_space, sample_params
-from ctrlab.utils.io import write_text_atomic
+from ctrlab.utils.io import remove_stale_in, write_text_atomic
 from ctrlab.utils.output_dir import OutputFolder
 
 STUDY_DB = "study.db"
@@ -296,6 +296,7 @@ def run_sweep(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = 
     # The sweep's folder holds its study, trials and plots; each trial's run folder inside it is the sweep's own,
     # so a trial replaces whatever an earlier study left under the same number.
     output_dir = OutputFolder(base.output_dir, "sweep", base.name, recipe_digest(base_dict)).open()
+    remove_stale_in(output_dir / TRIALS_DIR)  # trials of killed workers: their numbers never come again
     storage_url = search.storage or default_storage(output_dir)
     study_name = search.study_name or base.name
 

@@ -91,6 +91,19 @@ def remove_stale(parent: Path, name: str) -> list[Path]:
     return removed
 
 
+_ANY_STAMPED = re.compile(r"\.(.+)\.p\d+-\d+\.[^.]+\.(partial|old|tmp)")
+
+
+def remove_stale_in(parent: Path) -> list[Path]:
+    """:func:`remove_stale` for every name in ``parent`` that has leftovers (a sweep's trial folders, whose numbers
+    are not reused, so no later writer of the same name would ever clean them up)."""
+    try:
+        names = {m.group(1) for e in parent.iterdir() if (m := _ANY_STAMPED.fullmatch(e.name))}
+    except OSError:
+        return []
+    return [removed for name in sorted(names) for removed in remove_stale(parent, name)]
+
+
 def _finish_swap(old: Path, target: Path) -> None:
     previous = old / _PREVIOUS
     if not previous.exists():
