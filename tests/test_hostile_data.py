@@ -163,3 +163,17 @@ def test_time_and_duration_columns_that_cannot_be_read_are_named(capsys, tmp_pat
                "split": {"kind": "time", "time_column": "a"}}
     line = _error_line(*_train(capsys, tmp_path, data_dir, dataset=dataset))
     assert "time column 'a' holds text that is neither numbers nor dates" in line, line
+
+
+def test_a_huge_but_finite_number_that_makes_the_loss_nan_is_named(capsys, tmp_path, data_dir, cache_dir) -> None:
+    """3e38 fits float32, so it passes the input checks; the NaN loss it causes names the column instead of only
+    advising a lower learning rate."""
+    rows = tiny_rows(200, 1)
+    rows = [",".join([*r.split(",")[:3], "3e38", r.split(",")[4]]) for r in rows]
+    write_csv(data_dir / "train.csv", rows)
+    features = {"categorical": ["a", "b"], "numeric": [{"name": "x", "transform": "none"}]}
+    code, err = _train(capsys, tmp_path, data_dir, features=features)
+    line = [line for line in err.splitlines() if line.strip()][-1]
+    assert code == 2 and "Traceback" not in err and line.startswith("error: training loss became"), err
+    assert "numeric column 'x' reaches 3e+38 after transform 'none'" in line and "transform: log" in line, line
+    assert not (tmp_path / "out").exists()

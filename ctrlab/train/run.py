@@ -41,7 +41,7 @@ from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.pipeline import TRUE_PROBABILITY_COLUMN, PreparedData, prepare_data
 from ctrlab.embeddings.searchable import SearchableEmbeddingConfig
 from ctrlab.config.train import TrainConfig
-from ctrlab.errors import DataError, RecipeError
+from ctrlab.errors import DataError, RecipeError, TrainingDiverged
 from ctrlab.models import CTRModel, build_model
 from ctrlab.tracking import RunLogger, connect, learning_curve_figure, mlflow_run, system_tags
 from ctrlab.tracking.mlflow_tracker import redact_uri
@@ -141,8 +141,14 @@ def train_recipe(recipe: Recipe, data_dir: str | Path | None = None, console: Co
                           soft_wrap=True)
             tracker.set_tags({**system_tags(), "system.device": str(device)})
             tracker.log_params(flatten(recipe_to_dict(recipe)))
-        metrics, fit, output_dir = _train_and_save(recipe, data, device, console, callbacks, tracker, started,
-                                                   folder)
+        try:
+            metrics, fit, output_dir = _train_and_save(recipe, data, device, console, callbacks, tracker, started,
+                                                       folder)
+        except TrainingDiverged as error:
+            culprit = large_numeric_input(data)
+            if culprit is None:
+                raise
+            raise TrainingDiverged(f"{error.message}; {culprit}") from None
         if tracker is not None:
             _log_results(tracker, metrics, fit, output_dir, recipe.tracking.log_artifacts)
     _print_result(console, metrics, output_dir)
@@ -199,6 +205,24 @@ def _train_and_save(recipe: Recipe, data: PreparedData, device: torch.device, co
     if state is not None:
         state.remove()  # the run is complete and in place: nothing left to resume
     return metrics, fit, output_dir
+
+
+def large_numeric_input(data: PreparedData, limit: float = 1e4) -> str | None:
+    """The numeric input most likely to have made the loss NaN: the column whose encoded training values reach the
+    largest magnitude, when that exceeds ``limit`` (values this large times a learned vector overflow float32)."""
+    numeric = data.splits["train"].numeric
+    specs = data.processor.layout.numeric
+    if numeric.shape[1] == 0:
+        return None
+    magnitude = np.abs(numeric).max(axis=0)
+    column = int(np.argmax(magnitude))
+    if not magnitude[column] > limit:
+        return None
+    name = specs[column].name
+    transform = next(f.transform for f in data.processor.features.numeric if f.name == name)
+    row = int(np.argmax(np.abs(numeric[:, column]))) + 1
+    return (f"numeric column '{name}' reaches {float(numeric[row - 1, column]):.3g} after transform '{transform}' "
+            f"(row {row} of the training split); use transform: log or log_standardize, or bucketize")
 
 
 def check_labels(data: PreparedData, train: TrainConfig) -> None:
