@@ -1,7 +1,7 @@
 # ctrlab set-up and everyday commands. Every install step lives here so a fresh clone needs nothing else.
 #
 #   make quickstart     create .venv, install, train recipes/quickstart.yaml on synthetic data
-#   make test           create .venv, install, run the test suite
+#   make test           create .venv, install, run ruff, mypy and the test suite
 #
 # Variables (override on the command line, e.g. `make test PYTHON=python3.12`):
 #   PYTHON        interpreter used to create .venv                 (default python3)
@@ -60,6 +60,8 @@ services:
 	else echo "PostgreSQL not installed: the service tests will skip (apt-get install postgresql)"; fi
 
 test: $(STAMP) services
+	$(VENV)/bin/ruff check ctrlab tests benchmarks
+	$(VENV)/bin/mypy ctrlab
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -279,7 +279,7 @@ def _auc_recipe(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
     raw["dataset"]["synthetic"]["rows"] = args.auc_rows
     raw["features"].pop("select", None)
     raw["tracking"] = {"enabled": False}
-    raw.pop("search", None)
+    raw.pop("sweep", None)
     return raw
 
 

@@ -92,7 +92,8 @@ def main() -> None:
         run_dir = args.run or _small_run(root)
         recipe = validate_recipe(read_recipe_file(run_dir / RECIPE_FILE))
         predictor = Predictor.from_run(run_dir)
-        rows = load_raw_splits(recipe.dataset, recipe.seed, args.data_dir).frames["test"].select(predictor.input_columns)
+        rows = load_raw_splits(recipe.dataset, recipe.seed, args.data_dir).frames["test"]
+        rows = rows.select(predictor.input_columns)
         rows = pl.concat([rows] * (1000 // rows.height + 1)).head(1000)
         uri = f"sqlite:///{root / 'mlflow.db'}"
         register_run(str(run_dir), "bench_serving", alias="champion", tracking_uri=uri)

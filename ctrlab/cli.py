@@ -67,8 +67,8 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
 
 @app.command()
 def sweep(recipe: RecipeArg, overrides: OverridesArg = None, data_dir: DataDirOpt = None) -> None:
-    """Run RECIPE's search section as an Optuna study (rerun to resume; run several to share the study)."""
-    from ctrlab.search.sweep import run_sweep
+    """Run RECIPE's sweep section as an Optuna study (rerun to resume; run several to share the study)."""
+    from ctrlab.sweep.study import run_sweep
 
     result = run_sweep(recipe, overrides or [], data_dir=data_dir, console=err)
     _print_json(result.summary())

@@ -20,10 +20,9 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from embedding_search_recipe import synthetic_recipe  # noqa: E402
-
 from ctrlab.config.loader import validate_recipe  # noqa: E402
 from ctrlab.train.run import train_recipe  # noqa: E402
+from embedding_search_recipe import synthetic_recipe  # noqa: E402
 
 RECORDED = Path(__file__).parent / "recorded" / "search_outcomes.json"
 

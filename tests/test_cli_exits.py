@@ -37,7 +37,7 @@ def workdir(tmp_path: Path, cache_dir: Path) -> Path:
     data = write_tiny_splits(tmp_path / "data")
     recipe = tiny_recipe(tmp_path, data, tracking={"enabled": False})
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
-    (tmp_path / "nosearch.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    (tmp_path / "nosweep.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     os.mkfifo(tmp_path / "pipe.yaml")  # a reader of a FIFO nobody writes would wait forever
     os.mkfifo(tmp_path / "pipe.csv")
     return tmp_path
@@ -54,7 +54,7 @@ FAILURES = {
     "train: unknown override": (["train", "recipe.yaml", "train.epoch=3"], "unknown key 'train.epoch'"),
     "validate: bad value": (["validate", "recipe.yaml", "train.batch_size=-1"], "train.batch_size"),
     "validate: a name that is no folder name": (["validate", "recipe.yaml", "name=.."], "name: String should match"),
-    "sweep: no search section": (["sweep", "nosearch.yaml"], "recipe has no search section"),
+    "sweep: no sweep section": (["sweep", "nosweep.yaml"], "recipe has no sweep section"),
     "rank: missing data file": (["rank", "nowhere.csv", "--no-track"], "nowhere.csv"),
     "explain: missing run": (["explain", "no-such-run"], "no-such-run"),
     "register: missing run": (["register", "no/such/run", "--name", "m"], "run directory not found"),

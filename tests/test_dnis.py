@@ -24,14 +24,16 @@ from ctrlab.embeddings.mixed_dim import EmbeddingArchitecture, EmbeddingUnits
 from ctrlab.errors import RecipeError
 from ctrlab.models import build_model
 from ctrlab.search.dnis import (
-    BilevelTrainer,
+    bilevel_hooks,
     architecture_from_significance,
     prune_by_budget,
     prune_by_threshold,
     rank_dimensions,
 )
-from ctrlab.search.embedding_search import SearchOutcome, apply_outcome
+from ctrlab.search.tables import TableArchitecture, TableOutcome, apply_outcome
+from ctrlab.train.hooks import ValidationStep
 from ctrlab.train.optim import build_optimizers
+from ctrlab.train.trainer import Trainer
 from ctrlab.train.run import seed_everything, train_recipe
 from embedding_search_recipe import (
     LAYOUT,
@@ -75,25 +77,28 @@ def test_soft_selection_layer_scales_each_fields_dims_by_its_alpha() -> None:
 def test_alpha_learns_from_validation_batches_only() -> None:
     model = _model()
     alpha = model.embedding.alpha
-    ids = {id(p) for opt in build_optimizers(model, OptimizerConfig()).optimizers for g in opt.param_groups
-           for p in g["params"]}
-    assert id(alpha) not in ids  # the weights' optimiser never steps alpha
+    hooks = bilevel_hooks(model.embedding, arch_lr=0.05)
+    with pytest.raises(ValueError, match="architecture parameters embedding.alpha belong to no parameter group"):
+        build_optimizers(model, OptimizerConfig())
+    optimizers = build_optimizers(model, OptimizerConfig(), hooks.parameter_groups)
+    ids = {id(p) for opt in optimizers.training for g in opt.param_groups for p in g["params"]}
+    assert id(alpha) not in ids  # no optimiser of a training step ever steps alpha
     train = tiny_batch(8, seed=1)
     valid = tiny_batch(8, seed=2)
     valid.label = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0])
-    trainer = BilevelTrainer(model, TrainConfig(progress=False, device="cpu", batch_size=8), torch.device("cpu"),
-                             valid, arch_lr=0.05)
+    trainer = Trainer(model, TrainConfig(progress=False, device="cpu", batch_size=8), torch.device("cpu"),
+                      hooks=hooks)
+    step = ValidationStep(model, trainer.optimizers.validation, valid, 8, torch.device("cpu"))
     assert not alpha.requires_grad  # outside the architecture step, alpha is out of autograd
     alpha_before = alpha.detach().clone()
     weights_seen: dict[str, torch.Tensor] = {}
-    step = trainer.architecture_step
 
     def spy() -> None:  # runs right after the weights' step: record the weights the alpha step sees
         weights_seen.update({k: v.detach().clone() for k, v in model.named_parameters() if k != "embedding.alpha"})
         assert alpha.grad is None or torch.equal(alpha.detach(), alpha_before)  # the training step left alpha alone
         step()
 
-    trainer.optimizers.after_step = spy
+    trainer.validation_step = spy  # type: ignore[assignment]
     trainer.train_epoch(train)  # one training step (batch 8) then one alpha step
     assert step.steps == 1
     # the weights are exactly those after the training step: the alpha step changed none of them
@@ -222,7 +227,8 @@ def test_without_retraining_the_final_model_is_the_searched_network_with_alpha_f
     final = build_model(_config(), config, LAYOUT)
     units = EmbeddingUnits.from_layout(LAYOUT)
     pruned = architecture_from_significance(network.embedding.significance(), units, _config(budget=0.5))
-    outcome = SearchOutcome(pruned, retrain=False, network=network, network_architecture=EmbeddingArchitecture(D))
+    outcome = TableOutcome(TableArchitecture(pruned, units), retrain=False, network=network,
+                           network_architecture=EmbeddingArchitecture(D))
     apply_outcome(final, outcome)
     # the kept dims are not each field's leading ones, so the network keeps its full table (alpha folded in)
     assert final.embedding.unit_dims == [D, D, D]

@@ -35,7 +35,7 @@ def _recipe(tmp_path: Path, tracking_uri: str, storage: str, study: str, n_trial
         "train": {"epochs": 3, "batch_size": 512, "progress": False, "device": "cpu",
                   "early_stopping": {"patience": 1}},
         "tracking": {"uri": tracking_uri, "experiment": study},
-        "search": {
+        "sweep": {
             "n_trials": n_trials, "sampler": "random", "pruner": "median", "pruner_startup_trials": 1,
             "pruner_warmup_epochs": 0, "storage": storage, "study_name": study,
             # A learning rate of 1e-6 barely moves the model: those trials fall below the median and are pruned.

@@ -106,10 +106,11 @@ def test_gauc_without_any_mixed_group_is_refused(capsys, tmp_path, data_dir, cac
 
 
 def test_the_predictor_never_returns_a_non_finite_score(tmp_path, data_dir, cache_dir) -> None:
+    from rich.console import Console
+
+    from ctrlab.config.loader import validate_recipe
     from ctrlab.serve import Predictor
     from ctrlab.train.run import train_recipe
-    from ctrlab.config.loader import validate_recipe
-    from rich.console import Console
 
     recipe = validate_recipe(tiny_recipe(tmp_path, data_dir, tracking={"enabled": False}))
     run = train_recipe(recipe, console=Console(quiet=True)).output_dir

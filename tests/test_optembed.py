@@ -24,10 +24,11 @@ from ctrlab.embeddings.optembed import OptEmbedSupernet
 from ctrlab.embeddings.searchable import binary_step
 from ctrlab.errors import DataError, RecipeError
 from ctrlab.models import build_model
-from ctrlab.search.embedding_search import SearchOutcome, apply_outcome, load_architecture, save_architecture
-from ctrlab.search.optembed import SupernetTrainer, evolutionary_search
+from ctrlab.search.optembed import evolutionary_search, supernet_hooks
+from ctrlab.search.tables import TableArchitecture, TableOutcome, apply_outcome, load_architecture, save_architecture
 from ctrlab.train.optim import build_optimizers
 from ctrlab.train.run import seed_everything, train_recipe
+from ctrlab.train.trainer import Trainer
 from embedding_search_recipe import (
     LAYOUT,
     embedding_floats,
@@ -147,12 +148,12 @@ def test_thresholds_get_their_own_optimiser_and_the_loss_their_regulariser() -> 
     config = BLOCKS.get("deepfm").config(mlp={"hidden": [8]}, linear=True)
     model = build_model(_config(sparsity_weight=0.5, threshold_lr=0.02), config, LAYOUT, OptEmbedSupernet)
     thresholds = model.embedding.thresholds
-    ids = {id(p) for opt in build_optimizers(model, OptimizerConfig()).optimizers for g in opt.param_groups
-           for p in g["params"]}
+    hooks = supernet_hooks(model.embedding, threshold_lr=0.02)
+    ids = {id(p) for opt in build_optimizers(model, OptimizerConfig(), hooks.parameter_groups).optimizers
+           for g in opt.param_groups for p in g["params"]}
     assert id(thresholds) not in ids and id(model.embedding.weight) in ids
-    trainer = SupernetTrainer(model, TrainConfig(progress=False, device="cpu", batch_size=4), torch.device("cpu"),
-                              threshold_lr=0.02)
-    last = trainer.optimizers.optimizers[-1]
+    trainer = Trainer(model, TrainConfig(progress=False, device="cpu", batch_size=4), torch.device("cpu"), hooks=hooks)
+    last = trainer.optimizers.all[-1]
     assert last.param_groups[0]["params"] == [thresholds] and last.param_groups[0]["lr"] == 0.02
     model.eval()
     batch = tiny_batch()
@@ -238,7 +239,8 @@ def test_without_retraining_the_final_model_is_the_searched_subnetwork() -> None
     seed_everything(4)  # other initial values: everything comes from the network
     final = build_model(_config(), config, LAYOUT)
     architecture = EmbeddingArchitecture(D, {"item": 3, "user": 2, "x": 1}, rows)
-    apply_outcome(final, SearchOutcome(architecture, retrain=False, network=network))
+    units = EmbeddingUnits.from_layout(LAYOUT)
+    apply_outcome(final, TableOutcome(TableArchitecture(architecture, units), retrain=False, network=network))
     assert final.embedding.parameter_count() == architecture.kept_parameters(EmbeddingUnits.from_layout(LAYOUT))
     assert torch.equal(final.eval()(batch), expected)
 

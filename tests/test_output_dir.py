@@ -170,7 +170,7 @@ def test_rank_sweep_and_explain_refuse_what_ctrlab_did_not_make(capsys, tmp_path
     mine.mkdir()
     (mine / "data.csv").write_text("precious", encoding="utf-8")
     space = {"embedding.dim": {"type": "int", "low": 2, "high": 4}}
-    sweep = _recipe(tmp_path, data_dir, mine, search={"n_trials": 1, "space": space})
+    sweep = _recipe(tmp_path, data_dir, mine, sweep={"n_trials": 1, "space": space})
     before = _snapshot(mine)
     _refused(*_cli(capsys, "rank", data_dir / "train.csv", "--output", mine, "--no-track"), "--output",
              "not made by ctrlab")

@@ -296,15 +296,15 @@ def test_a_sweep_searches_top_k_and_each_trial_trains_on_that_many_features(tmp_
                                                                              cache_dir) -> None:
     from rich.console import Console
 
-    from ctrlab.search.sweep import run_sweep
+    from ctrlab.sweep.study import run_sweep
 
     path = _recipe(tmp_path)
     assert main(["rank", str(path), "--no-track", "--output", str(tmp_path / "rk")]) == 0
     raw = yaml.safe_load(path.read_text())
     raw["features"]["select"] = {"ranking": str(tmp_path / "rk" / "ranking.csv"), "top_k": 8}
     raw["tracking"] = {"enabled": False}
-    raw["search"] = {"n_trials": 3, "sampler": "random", "pruner": "none",
-                     "space": {"features.select.top_k": {"type": "int", "low": 1, "high": 8}}}
+    raw["sweep"] = {"n_trials": 3, "sampler": "random", "pruner": "none",
+                    "space": {"features.select.top_k": {"type": "int", "low": 1, "high": 8}}}
     path.write_text(yaml.safe_dump(raw))
     result = run_sweep(path, console=Console(quiet=True))
     assert result.counts.get("COMPLETE") == 3

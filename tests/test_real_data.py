@@ -41,7 +41,8 @@ def test_frappe_deepfm_learns_in_three_epochs(tmp_path: Path, shared_data_dir: P
     assert np.array_equal(predictor.predict(raw.drop("label")), saved)
 
 
-@pytest.mark.parametrize("recipe", ["criteo_sample_deepfm.yaml", "criteo_sample_dcnv2.yaml", "avazu_sample_deepfm.yaml"])
+@pytest.mark.parametrize("recipe",
+                         ["criteo_sample_deepfm.yaml", "criteo_sample_dcnv2.yaml", "avazu_sample_deepfm.yaml"])
 def test_sample_recipes_train(recipe: str, tmp_path: Path, shared_data_dir: Path, cache_dir: Path) -> None:
     _, result = _train(recipe, tmp_path, shared_data_dir, "train.epochs=3")
     assert result.metrics["test"]["auc"] > 0.6

@@ -42,7 +42,7 @@ VALID: dict[str, Any] = {
     "tracking": {"enabled": False},
 }
 PATHS = sorted(flatten(VALID)) + ["model.block", "embedding.kind", "model.heads", "model.cross_layers",
-                                  "dataset.synthetic.rows", "train.optimizer.betas", "search.n_trials",
+                                  "dataset.synthetic.rows", "train.optimizer.betas", "sweep.n_trials",
                                   "model.channels", "embedding.rows", "features.sequence"]
 
 _counter = itertools.count()

@@ -21,7 +21,6 @@ from safetensors.torch import load_file, save_file
 
 from ctrlab.errors import CtrlabError
 from ctrlab.serve.registry import check_alias, check_model_name
-
 from tiny import train_small_synthetic_run
 
 mlflow = pytest.importorskip("mlflow")

@@ -5,7 +5,6 @@ keeps answering. tests/test_serving_http.py covers the HTTP boundary in depth.""
 
 from __future__ import annotations
 
-
 import numpy as np
 import polars as pl
 import pytest
@@ -13,7 +12,6 @@ from rich.console import Console
 
 from ctrlab.data.pipeline import load_raw_splits
 from ctrlab.serve import Predictor
-
 from tiny import train_small_synthetic_run
 
 mlflow = pytest.importorskip("mlflow")

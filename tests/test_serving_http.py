@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 from ctrlab.data.pipeline import load_raw_splits
 from ctrlab.serve import Predictor
 from ctrlab.serve.server import ServedModel, free_port, serve_registered
-
 from tiny import train_small_synthetic_run
 
 mlflow = pytest.importorskip("mlflow")

@@ -22,17 +22,17 @@ from rich.console import Console
 
 from ctrlab.cli import main
 from ctrlab.config.loader import load_recipe, recipe_to_dict, validate_recipe
-from ctrlab.config.search import ParamSpace
+from ctrlab.config.sweep import ParamSpace
 from ctrlab.errors import RecipeError
-from ctrlab.search import sweep as sweep_module
-from ctrlab.search.space import check_space, sample_order, sample_params
-from ctrlab.search.sweep import run_sweep
+from ctrlab.sweep import study as sweep_module
+from ctrlab.sweep.space import check_space, sample_order, sample_params
+from ctrlab.sweep.study import run_sweep
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _recipe(out: Path, space: dict[str, Any], **search: Any) -> dict[str, Any]:
+def _recipe(out: Path, space: dict[str, Any], **sweep: Any) -> dict[str, Any]:
     """4,000 synthetic rows, batch 128, 2 epochs: a trial takes well under a second after the first."""
     return {
         "name": "sw", "seed": 1, "output_dir": str(out),
@@ -46,8 +46,8 @@ def _recipe(out: Path, space: dict[str, Any], **search: Any) -> dict[str, Any]:
         "train": {"epochs": 2, "batch_size": 128, "progress": False, "device": "cpu", "num_threads": 1,
                   "optimizer": {"lr": 0.01}},
         "tracking": {"enabled": False},
-        "search": {"n_trials": 6, "pruner": "median", "pruner_startup_trials": 1, "pruner_warmup_epochs": 0,
-                   "sampler": "random", **search, "space": space},
+        "sweep": {"n_trials": 6, "pruner": "median", "pruner_startup_trials": 1, "pruner_warmup_epochs": 0,
+                   "sampler": "random", **sweep, "space": space},
     }
 
 
@@ -145,13 +145,13 @@ def test_unknown_or_invalid_key_in_the_space_is_one_line_naming_it(tmp_path: Pat
     assert not (tmp_path / "out" / "study.db").exists()  # checked before any study or trial
     # a range the schema rejects (dropout must be < 1) is caught up front too
     raw = _recipe(tmp_path / "out", {"model.mlp.dropout": {"type": "float", "low": 0.0, "high": 1.5}})
-    with pytest.raises(RecipeError, match=r"search.space key 'model.mlp.dropout' \(value 1.5\)"):
-        check_space(raw, validate_recipe(raw).search.space)
-    # through the CLI: one line, exit 2; a recipe without a search section says so
+    with pytest.raises(RecipeError, match=r"sweep.space key 'model.mlp.dropout' \(value 1.5\)"):
+        check_space(raw, validate_recipe(raw).sweep.space)
+    # through the CLI: one line, exit 2; a recipe without a sweep section says so
     assert main(["sweep", str(path)]) == 2
-    plain = {k: v for k, v in recipe.items() if k != "search"}
+    plain = {k: v for k, v in recipe.items() if k != "sweep"}
     assert main(["sweep", str(_write(tmp_path / "plain.yaml", plain))]) == 2
-    with pytest.raises(RecipeError, match="has no search section"):
+    with pytest.raises(RecipeError, match="has no sweep section"):
         run_sweep(tmp_path / "plain.yaml", console=Console(quiet=True))
 
 
@@ -172,16 +172,16 @@ def test_sweep_prunes_writes_best_recipe_and_resumes(tmp_path: Path, cache_dir: 
     assert len(lines) == 6 and any("PRUNED" in line for line in lines) and all("best" in line for line in lines)
     assert result.counts == states and result.best_params["train.optimizer.lr"] == 0.01
 
-    # best_recipe.yaml: the best trial's resolved recipe, no search section, trains as is
+    # best_recipe.yaml: the best trial's resolved recipe, no sweep section, trains as is
     best_file = out / "best_recipe.yaml"
     assert result.best_recipe == best_file
     best = yaml.safe_load(best_file.read_text())
-    assert "search" not in best or best["search"] is None
+    assert "sweep" not in best or best["sweep"] is None
     assert best["output_dir"] == str(out / "best")
     assert best["train"]["optimizer"]["lr"] == 0.01
     assert best["model"]["mlp"]["dropout"] == pytest.approx(result.best_params["model.mlp.dropout"])
     assert best == yaml.safe_load((out / "trials" / str(result.best_trial) / "recipe.yaml").read_text()) | {
-        "output_dir": str(out / "best"), "search": None}
+        "output_dir": str(out / "best"), "sweep": None}
     assert main(["train", str(best_file), "train.epochs=1"]) == 0
     assert (out / "best" / "model.safetensors").exists()
 
@@ -195,7 +195,7 @@ def test_sweep_prunes_writes_best_recipe_and_resumes(tmp_path: Path, cache_dir: 
     again = run_sweep(path, console=Console(quiet=True))
     assert again.trials_run == 0 and len(_study(out).trials) == len(study.trials)
     # a higher n_trials resumes the same study
-    more = run_sweep(path, ["search.n_trials=8"], console=Console(quiet=True))
+    more = run_sweep(path, ["sweep.n_trials=8"], console=Console(quiet=True))
     numbers = _finished_numbers(_study(out))
     assert more.trials_run == 2 and len(numbers) == 8 and len(set(numbers)) == 8
 
@@ -304,7 +304,7 @@ def test_a_killed_workers_running_trial_is_failed_and_the_study_completes(
     monkeypatch.setattr(sweep_module, "HEARTBEAT_INTERVAL", 1)
     monkeypatch.setattr(sweep_module, "HEARTBEAT_GRACE", 2)
     time.sleep(2.5)  # the killed worker's heartbeat is now older than the grace period
-    result = run_sweep(path, [f"search.n_trials={done + 2}", "train.epochs=2"], console=Console(quiet=True))
+    result = run_sweep(path, [f"sweep.n_trials={done + 2}", "train.epochs=2"], console=Console(quiet=True))
     study = _study(out)
     assert study.trials[running[0]].state == TrialState.FAIL
     numbers = _finished_numbers(study)
@@ -342,9 +342,9 @@ def test_sweep_is_a_parent_run_with_nested_trial_runs(tmp_path: Path, cache_dir:
 
 def test_quickstart_sweep_recipe_is_valid() -> None:
     recipe = load_recipe(REPO / "recipes" / "quickstart_sweep.yaml")
-    assert recipe.search is not None and recipe.search.n_trials == 8 and recipe.search.pruner == "median"
-    assert set(recipe.search.space) == {"embedding.dim", "train.optimizer.lr", "model.mlp.dropout"}
-    check_space({k: v for k, v in recipe_to_dict(recipe).items()}, recipe.search.space, "quickstart_sweep")
+    assert recipe.sweep is not None and recipe.sweep.n_trials == 8 and recipe.sweep.pruner == "median"
+    assert set(recipe.sweep.space) == {"embedding.dim", "train.optimizer.lr", "model.mlp.dropout"}
+    check_space({k: v for k, v in recipe_to_dict(recipe).items()}, recipe.sweep.space, "quickstart_sweep")
 
 
 def test_a_running_trial_that_never_wrote_a_heartbeat_is_failed(tmp_path: Path) -> None:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
 from ctrlab.blocks import BLOCKS
-from ctrlab.config.base import MAX_DEPTH, MAX_HEADS, MAX_WIDTH, Int
 from ctrlab.blocks.base import BlockConfigBase, BlockInput, InteractionBlock
+from ctrlab.config.base import MAX_DEPTH, MAX_HEADS, MAX_WIDTH, Int
 from ctrlab.embeddings.base import EmbeddingOutput
 from ctrlab.layers.attention import InteractingLayer
 from ctrlab.layers.mlp import MLP, MLPConfig
@@ -66,6 +66,9 @@ class AutoIntBlock(InteractionBlock):
         self.attention = nn.ModuleList(layers)
         self.output = nn.Linear(shape.num_fields * width, 1)
 
+    def _layers(self) -> list[InteractingLayer]:
+        return [cast(InteractingLayer, layer) for layer in self.attention]
+
     def attend(self, fields: torch.Tensor) -> torch.Tensor:
         """The stacked interacting layers: ``[B, F, D]`` -> ``[B, F, attention_dim]``."""
         for layer in self.attention:
@@ -78,7 +81,7 @@ class AutoIntBlock(InteractionBlock):
     def record_attention(self, on: bool = True) -> None:
         """Keep (or stop keeping) each layer's attention weights on every forward; off by default so training
         carries no extra tensors."""
-        for layer in self.attention:
+        for layer in self._layers():
             layer.keep_attention = on
             if not on:
                 layer.last_attention = None
@@ -86,10 +89,11 @@ class AutoIntBlock(InteractionBlock):
     def attention_maps(self) -> list[torch.Tensor]:
         """Per layer, the attention weights ``[B, heads, F, F]`` of the last forward pass (rows sum to 1 over the
         attended fields); needs :meth:`record_attention` before that pass."""
-        maps = [layer.last_attention for layer in self.attention]
-        if any(m is None for m in maps):
+        maps = [layer.last_attention for layer in self._layers()]
+        kept = [m for m in maps if m is not None]
+        if len(kept) != len(maps):
             raise RuntimeError("no attention kept: call record_attention() before the forward pass")
-        return maps  # type: ignore[return-value]
+        return kept
 
 
 @BLOCKS.register("autoint_plus", AutoIntPlusConfig)

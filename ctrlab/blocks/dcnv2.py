@@ -9,8 +9,8 @@ from pydantic import Field
 from torch import nn
 
 from ctrlab.blocks import BLOCKS
-from ctrlab.config.base import MAX_DEPTH, Int
 from ctrlab.blocks.base import BlockConfigBase, BlockInput, InteractionBlock
+from ctrlab.config.base import MAX_DEPTH, Int
 from ctrlab.embeddings.base import EmbeddingOutput
 from ctrlab.layers.cross import CrossNetworkV2
 from ctrlab.layers.mlp import MLP, MLPConfig

@@ -22,8 +22,8 @@ import torch
 from pydantic import Field, model_validator
 
 from ctrlab.blocks import BLOCKS
-from ctrlab.config.base import MAX_DEPTH, MAX_FIELDS, MAX_WIDTH, Int
 from ctrlab.blocks.base import BlockConfigBase, BlockInput, InteractionBlock
+from ctrlab.config.base import MAX_DEPTH, MAX_FIELDS, MAX_WIDTH, Int
 from ctrlab.embeddings.base import EmbeddingOutput
 from ctrlab.layers.din import AttentionPooling, deep_mlp
 from ctrlab.layers.mlp import MLPConfig

@@ -8,8 +8,8 @@ import torch
 from pydantic import Field, model_validator
 
 from ctrlab.blocks import BLOCKS
-from ctrlab.config.base import MAX_DEPTH, MAX_KERNEL, MAX_WIDTH, Int
 from ctrlab.blocks.base import BlockConfigBase, BlockInput, InteractionBlock
+from ctrlab.config.base import MAX_DEPTH, MAX_KERNEL, MAX_WIDTH, Int
 from ctrlab.embeddings.base import EmbeddingOutput
 from ctrlab.layers.feature_generation import FeatureGeneration
 from ctrlab.layers.mlp import MLP, MLPConfig
@@ -66,6 +66,10 @@ class FGCNNBlock(InteractionBlock):
     implementations: half the embedding parameters). Under OptEmbed's dimension search the pruned trailing columns
     are the generation half's.
     """
+
+    # Buffers, declared for the type checker (``nn.Module.__getattr__`` is typed ``Tensor | Module``).
+    rows: torch.Tensor
+    cols: torch.Tensor
 
     def __init__(self, config: FGCNNConfig, shape: BlockInput) -> None:
         super().__init__()

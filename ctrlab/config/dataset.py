@@ -55,7 +55,8 @@ class DatasetConfig(Section):
     @model_validator(mode="after")
     def _one_source(self) -> "DatasetConfig":
         files = self.train is not None or self.path is not None
-        sources = [n for n, present in (("card", self.card), ("synthetic", self.synthetic), ("files", files)) if present]
+        sources = [n for n, present in (("card", self.card), ("synthetic", self.synthetic), ("files", files))
+                   if present]
         if len(sources) != 1:
             raise ValueError(
                 "give exactly one data source: card, synthetic, or files (train/valid/test or path); "

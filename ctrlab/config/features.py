@@ -75,7 +75,7 @@ class FeaturesConfig(Section):
 
     @model_validator(mode="after")
     def _check_names(self) -> "FeaturesConfig":
-        names = [f.name for f in (*self.categorical, *self.numeric, *self.sequence)]
+        names = self.columns()
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
             raise ValueError(f"feature named more than once: {', '.join(duplicated)}")
@@ -94,4 +94,4 @@ class FeaturesConfig(Section):
 
     def columns(self) -> list[str]:
         """Raw columns the features read, in recipe order."""
-        return [f.name for f in (*self.categorical, *self.numeric, *self.sequence)]
+        return [f.name for f in self.categorical] + [f.name for f in self.numeric] + [f.name for f in self.sequence]

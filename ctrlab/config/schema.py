@@ -1,8 +1,8 @@
 """The recipe: one pydantic schema that is the single source of truth for a run.
 
-CLI commands, overrides, sweeps and tracking all read and write this schema. The ``embedding`` and ``model``
-sections are discriminated unions built from the registries when this module is imported, so a new block or
-embedding layer (one new file that registers itself) needs no change here.
+CLI commands, overrides, sweeps and tracking all read and write this schema. The ``embedding``, ``model`` and
+``gate`` sections are discriminated unions built from the registries when this module is imported, so a new block,
+embedding layer or gate (one new file that registers itself) needs no change here.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from ctrlab.blocks import BLOCKS
 from ctrlab.config.base import MAX_SEED, Int, Section
 from ctrlab.config.dataset import DatasetConfig
 from ctrlab.config.features import FeaturesConfig
-from ctrlab.config.search import SearchConfig
+from ctrlab.config.sweep import SweepConfig
 from ctrlab.config.tracking import TrackingConfig
 from ctrlab.config.train import TrainConfig
 from ctrlab.embeddings import EMBEDDINGS
+from ctrlab.gates import GATES
 from ctrlab.registry import Registry
 
 
@@ -31,10 +32,11 @@ def _union(registry: Registry[Any]) -> Any:
 
 EmbeddingConfig = _union(EMBEDDINGS)
 ModelConfig = _union(BLOCKS)
+GateConfig = _union(GATES)
 
 
 class Recipe(Section):
-    """A complete, validated ctrlab recipe: data, features, embedding, model block, training, tracking and search."""
+    """A complete, validated ctrlab recipe: data, features, embedding, model block, training, tracking and sweep."""
 
     # Letters, digits, '_', '.', '-', starting with a letter or digit: the name is a folder (runs/${name}), an
     # MLflow experiment and a study name, so '..' or '.hidden' must not be one.
@@ -45,9 +47,11 @@ class Recipe(Section):
     features: FeaturesConfig = FeaturesConfig()
     embedding: EmbeddingConfig = Field(default_factory=lambda: EMBEDDINGS.get("per_field").config())  # type: ignore[valid-type]
     model: ModelConfig  # type: ignore[valid-type]
+    gate: GateConfig | None = Field(None, description="a feature gate between embedding and block; kind optfs "  # type: ignore[valid-type]
+                                    "searches the feature set (stages run before the final training)")
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
-    search: SearchConfig | None = None
+    sweep: SweepConfig | None = None
 
     @model_validator(mode="before")
     @classmethod

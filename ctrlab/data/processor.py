@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from ctrlab.config.features import FeaturesConfig, NumericFeature, SequenceFeature
+from ctrlab.config.features import CategoricalFeature, FeaturesConfig, NumericFeature, SequenceFeature
 from ctrlab.data.encoded import EncodedSplit
+from ctrlab.data.kept_values import KeptValues
 from ctrlab.data.layout import FIRST_VALUE_ID, OOV_ID, FeatureLayout, FieldSpec
 from ctrlab.errors import DataError
 from ctrlab.utils.io import write_json_atomic
@@ -105,6 +107,7 @@ class FeatureProcessor:
         self.group_by = group_by
         self.vocabularies: dict[str, _Vocabulary] = {}
         self.numeric_stats: dict[str, dict[str, Any]] = {}
+        self.kept: KeptValues | None = None
         self.fitted = False
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -127,8 +130,9 @@ class FeatureProcessor:
         return frame.get_column(name).cast(pl.String).fill_null(NULL_TOKEN)
 
     def _check_columns(self, frame: pl.DataFrame, source: str, with_label: bool) -> None:
-        sections = [("features.categorical", self.features.categorical), ("features.numeric", self.features.numeric),
-                    ("features.sequence", self.features.sequence)]
+        sections: list[tuple[str, Sequence[CategoricalFeature | NumericFeature | SequenceFeature]]] = [
+            ("features.categorical", self.features.categorical), ("features.numeric", self.features.numeric),
+            ("features.sequence", self.features.sequence)]
         for section, specs in sections:
             for spec in specs:
                 if spec.name not in frame.columns:
@@ -150,10 +154,11 @@ class FeatureProcessor:
         if with_label and self.label not in frame.columns:
             raise DataError(f"{source}: label column '{self.label}' is not in the data (set dataset.label)")
         for role, name in (("label", self.label if with_label else None), ("group", self.group_by)):
-            dtype = frame.schema.get(name) if name is not None else None
-            if dtype is not None and (dtype.is_nested() or isinstance(dtype, (pl.Object, pl.Binary, pl.Duration))):
-                raise DataError(f"{source}: {role} column '{name}' holds {dtype} values; it needs one plain value per "
-                                "row")
+            role_dtype = frame.schema.get(name) if name is not None else None
+            if role_dtype is not None and (role_dtype.is_nested()
+                                           or isinstance(role_dtype, (pl.Object, pl.Binary, pl.Duration))):
+                raise DataError(f"{source}: {role} column '{name}' holds {role_dtype} values; it needs one plain value "
+                                "per row")
         if self.group_by is not None and with_label and self.group_by not in frame.columns:
             raise DataError(f"{source}: group column '{self.group_by}' (dataset.group_by) is not in the data")
 
@@ -210,7 +215,8 @@ class FeatureProcessor:
         if bad.any():
             row = int(bad.arg_true()[0])
             raise DataError(
-                f"{source}: column '{self.label}' row {_row_number(frame, row)}: label {_excerpt(text[row])} is not 0 or 1"
+                f"{source}: column '{self.label}' row {_row_number(frame, row)}: label {_excerpt(text[row])} "
+                "is not 0 or 1"
             )
         return values.to_numpy().astype(np.float32)
 
@@ -236,8 +242,8 @@ class FeatureProcessor:
                 values = pl.concat([values, extra.cast(pl.String)])
             self.vocabularies[cat.name] = _fit_vocabulary(_value_counts(values), self._min_count(cat.min_count))
         numeric = self._numeric_columns(frame, [num.name for num in self.features.numeric], source)
-        for num, values in zip(self.features.numeric, numeric):
-            self.numeric_stats[num.name] = self._fit_numeric(num, values)
+        for num, numeric_values in zip(self.features.numeric, numeric):
+            self.numeric_stats[num.name] = self._fit_numeric(num, numeric_values)
         self.fitted = True
         return self
 
@@ -263,13 +269,31 @@ class FeatureProcessor:
             stats["mean"] = float(filled.mean()) if len(filled) else 0.0
             stats["std"] = std if std > 0 and math.isfinite(std) else 1.0
         if spec.transform == "bucketize":
-            quantiles = np.quantile(present.to_numpy(), np.linspace(0, 1, spec.buckets + 1)[1:-1]) if len(present) else []
+            quantiles = (np.quantile(present.to_numpy(), np.linspace(0, 1, spec.buckets + 1)[1:-1]) if len(present)
+                         else [])
             stats["edges"] = sorted({float(q) for q in quantiles})
         return stats
 
     # ------------------------------------------------------------------------------------------ layout
+    def restrict(self, kept: KeptValues) -> None:
+        """Keep only ``kept``'s values (a feature-set search's result): from now on a dropped value encodes as
+        out-of-vocabulary, kept ids are renumbered densely and :attr:`layout` reports the smaller tables (see
+        :mod:`ctrlab.data.kept_values`). Saved with the processor, so serving applies it too."""
+        self._require_fitted()
+        if self.kept is not None:
+            raise ValueError("the processor already keeps a restricted feature set")
+        kept.restrict_layout(self.full_layout)  # checks that the masks fit the tables
+        self.kept = kept
+
     @property
     def layout(self) -> FeatureLayout:
+        """The model input's shape (after :meth:`restrict`, the restricted tables' sizes)."""
+        layout = self.full_layout
+        return self.kept.restrict_layout(layout) if self.kept is not None else layout
+
+    @property
+    def full_layout(self) -> FeatureLayout:
+        """The layout of the fitted vocabularies, before any :meth:`restrict`."""
         self._require_fitted()
         fields: list[FieldSpec] = []
         for cat in self.features.categorical:
@@ -283,7 +307,8 @@ class FeatureProcessor:
                 fields.append(FieldSpec(num.name, "numeric"))
         for seq in self.features.sequence:
             table = seq.share_vocab_with or seq.name
-            fields.append(FieldSpec(seq.name, "sequence", self.vocabularies[table].size, table, seq.max_len, seq.pooling))
+            fields.append(FieldSpec(seq.name, "sequence", self.vocabularies[table].size, table, seq.max_len,
+                                    seq.pooling))
         return FeatureLayout(tuple(fields))
 
     def _require_fitted(self) -> None:
@@ -332,13 +357,15 @@ class FeatureProcessor:
         if self.group_by is not None and self.group_by in frame.columns:
             group = frame.get_column(self.group_by).cast(pl.String).fill_null(NULL_TOKEN).rank("dense").to_numpy()
             group = group.astype(np.int64)
-        return EncodedSplit(
-            categorical=np.ascontiguousarray(np.stack(categorical, axis=1) if categorical else np.zeros((n, 0), np.int32)),
+        encoded = EncodedSplit(
+            categorical=np.ascontiguousarray(np.stack(categorical, axis=1) if categorical
+                                             else np.zeros((n, 0), np.int32)),
             numeric=np.ascontiguousarray(np.stack(numeric, axis=1) if numeric else np.zeros((n, 0), np.float32)),
             sequences=sequences,
             label=self._labels(frame, source) if with_label else None,
             group=group,
         )
+        return self.kept.apply(encoded, self.full_layout) if self.kept is not None else encoded
 
     def _encode_sequence(self, frame: pl.DataFrame, spec: SequenceFeature) -> np.ndarray:
         tokens = self._sequence_tokens(frame, spec)
@@ -364,16 +391,20 @@ class FeatureProcessor:
             "vocabularies": {name: vocab.values for name, vocab in self.vocabularies.items()},
             "numeric_stats": self.numeric_stats,
             "layout": self.layout.to_dict(),
+            **({"kept": self.kept.to_dict()} if self.kept is not None else {}),
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FeatureProcessor":
         if data.get("format_version") != FORMAT_VERSION:
-            raise DataError(f"processor state has format version {data.get('format_version')}, expected {FORMAT_VERSION}")
+            raise DataError(f"processor state has format version {data.get('format_version')}, "
+                            f"expected {FORMAT_VERSION}")
         processor = cls(FeaturesConfig.model_validate(data["features"]), data["label"], data.get("group_by"))
         processor.vocabularies = {name: _Vocabulary(list(values)) for name, values in data["vocabularies"].items()}
         processor.numeric_stats = data["numeric_stats"]
         processor.fitted = True
+        if "kept" in data:
+            processor.restrict(KeptValues.from_dict(data["kept"]))
         return processor
 
     def save(self, path: str | Path) -> None:

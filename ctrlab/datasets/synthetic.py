@@ -108,7 +108,8 @@ class SyntheticConfig(BaseModel):
         if self.informative_fields > m:
             raise ValueError(f"informative_fields ({self.informative_fields}) > categorical_fields ({m})")
         if self.interaction_pairs > m * (m - 1) // 2:
-            raise ValueError(f"interaction_pairs ({self.interaction_pairs}) > the {m * (m - 1) // 2} pairs of {m} fields")
+            raise ValueError(f"interaction_pairs ({self.interaction_pairs}) > the {m * (m - 1) // 2} pairs of "
+                             f"{m} fields")
         main = self.informative_fields
         if self.interactions_among == "main_effects" and self.interaction_pairs > main * (main - 1) // 2:
             raise ValueError(f"interaction_pairs ({self.interaction_pairs}) > the {main * (main - 1) // 2} pairs of "
@@ -307,7 +308,9 @@ def generate(config: SyntheticConfig, seed: int) -> SyntheticData:
     main_idx = sorted(pick.choice(m, size=config.informative_fields, replace=False).tolist()) if m else []
     pool = main_idx if config.interactions_among == "main_effects" else list(range(m))
     all_pairs = [(a, b) for i, a in enumerate(pool) for b in pool[i + 1:]]
-    pair_idx = pick.choice(len(all_pairs), size=config.interaction_pairs, replace=False) if all_pairs else []
+    pair_idx: np.ndarray | list[int] = (
+        pick.choice(len(all_pairs), size=config.interaction_pairs, replace=False) if all_pairs else []
+    )
     pairs = sorted(all_pairs[i] for i in pair_idx)
     num_idx = (
         sorted(pick.choice(config.numeric_fields, size=config.numeric_informative, replace=False).tolist())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from pydantic import Field
@@ -11,6 +12,7 @@ from torch import nn
 
 from ctrlab.config.base import MAX_EMBEDDING_DIM, Int, Section
 from ctrlab.data.batches import FeatureBatch
+from ctrlab.data.kept_values import KeptValues
 from ctrlab.data.layout import FeatureLayout
 from ctrlab.layers.regularizers import mini_batch_aware_l2
 
@@ -77,13 +79,13 @@ class FeatureEmbedding(nn.Module):
     def num_rows(self) -> int:
         """Size of the row space :meth:`row_ids` numbers (all tables together). The default reads ``weight``, the
         one concatenated table of layers that have one; layers that keep their tables apart override it."""
-        return int(self.weight.shape[0])  # type: ignore[attr-defined]
+        return int(cast(torch.Tensor, self.weight).shape[0])
 
     def mini_batch_aware_l2(self, batch: FeatureBatch, counts: torch.Tensor, coefficient: float) -> torch.Tensor:
         """DIN's mini-batch aware L2 on the rows this batch looks up; ``counts`` holds ``n_j`` for every row of
         :attr:`num_rows` (see :func:`~ctrlab.layers.regularizers.mini_batch_aware_l2`). The default looks the rows
         up in ``weight``; layers that keep their tables apart override it."""
-        return mini_batch_aware_l2(self.weight, self.row_ids(batch), counts, coefficient,  # type: ignore[attr-defined]
+        return mini_batch_aware_l2(cast(torch.Tensor, self.weight), self.row_ids(batch), counts, coefficient,
                                    sparse=self.sparse)
 
     @property
@@ -100,6 +102,31 @@ class FeatureEmbedding(nn.Module):
         """Parameters of an architecture search (pruning thresholds, significance weights) that the search
         optimises with its own optimiser: :func:`~ctrlab.train.optim.build_optimizers` leaves them out."""
         return []
+
+    def value_tables(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | None] | None:
+        """Views of the stored vectors with one row per value: per vocabulary table ``[rows, D]`` (row = id), and
+        the numeric fields' vectors ``[Fn, D]`` (or None without numeric fields); None for a kind whose rows are
+        not one per value (hashing shares rows). :meth:`load_kept_rows` copies through these views."""
+        return None
+
+    @torch.no_grad()
+    def load_kept_rows(self, source: FeatureEmbedding, kept: KeptValues) -> bool:
+        """Copy into this embedding (built for a layout ``kept`` restricted) the vectors ``source`` (the same kind,
+        built for the layout before the restriction) holds for the kept values: a feature-set search's rewind.
+        Returns False, copying nothing, when either side has no :meth:`value_tables` (this embedding then keeps its
+        own initial values)."""
+        mine, theirs = self.value_tables(), source.value_tables()
+        if mine is None or theirs is None:
+            return False
+        (tables, numeric), (source_tables, source_numeric) = mine, theirs
+        for name, table in tables.items():
+            rows = source_tables[name]
+            if name in kept.tables:
+                rows = rows[torch.from_numpy(kept.tables[name].nonzero()[0]).to(rows.device)]
+            table.copy_(rows)
+        if numeric is not None and source_numeric is not None:
+            numeric.copy_(source_numeric)
+        return True
 
 
 def concatenated_row_ids(layout: FeatureLayout, batch: FeatureBatch, categorical_offsets: torch.Tensor,

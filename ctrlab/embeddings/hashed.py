@@ -67,6 +67,10 @@ class HashedEmbedding(HashedTableEmbedding):
     proportion to ``V_t``. The width-1 first-order term (``dim=1``) uses the same rows and hash functions.
     """
 
+    # Buffers, declared for the type checker (``nn.Module.__getattr__`` is typed ``Tensor | Module``).
+    categorical_hash: torch.Tensor
+    table_hash: torch.Tensor
+
     def __init__(self, config: HashedConfig, layout: FeatureLayout, dim: int | None = None) -> None:
         super().__init__()
         self.layout = layout

@@ -122,8 +122,9 @@ class HashedTableEmbedding(FeatureEmbedding):
 
     Subclasses build :attr:`weight` and :attr:`numeric_weight` and say which rows an id probes
     (:meth:`_categorical_rows`, :meth:`_sequence_rows`: ``[...]`` for one probe or ``[..., k]`` for k) and how the
-    looked-up rows become a ``dim``-wide vector (:meth:`_lookup`, the rows themselves unless overridden). Numeric fields get a learned vector scaled by
-    their value and sequences are pooled over their real items, as in ``per_field``.
+    looked-up rows become a ``dim``-wide vector (:meth:`_lookup`, the rows themselves unless overridden). Numeric
+    fields get a learned vector scaled by their value and sequences are pooled over their real items, as in
+    ``per_field``.
     """
 
     layout: FeatureLayout

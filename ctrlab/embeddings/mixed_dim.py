@@ -28,6 +28,7 @@ from torch import nn
 
 from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.layout import FeatureLayout
+from ctrlab.data.kept_values import KeptValues
 from ctrlab.embeddings.base import EmbeddingConfigBase, EmbeddingOutput, FeatureEmbedding, concatenated_row_ids
 
 WEIGHT_PREFIX = "weight_"
@@ -250,6 +251,14 @@ class MixedDimEmbedding(FeatureEmbedding):
     :meth:`parameter_count` and :meth:`parameter_bytes` count the stored floats only (Σ kept rows × kept dims).
     """
 
+    # Buffers, declared for the type checker (``nn.Module.__getattr__`` is typed ``Tensor | Module``).
+    dims: torch.Tensor
+    flat_offsets: torch.Tensor
+    unit_starts: torch.Tensor
+    global_remap: torch.Tensor
+    global_widths: torch.Tensor
+    _flat_inverse: torch.Tensor
+
     def __init__(self, config: EmbeddingConfigBase, layout: FeatureLayout, dim: int | None = None) -> None:
         super().__init__()
         self.layout = layout
@@ -374,8 +383,9 @@ class MixedDimEmbedding(FeatureEmbedding):
         dims = state_dict.get(prefix + "dims")
         remaps = [state_dict.get(f"{prefix}{REMAP_PREFIX}{i}") for i in range(len(self.units))]
         stored_widths = [state_dict.get(f"{prefix}{WIDTHS_PREFIX}{i}") for i in range(len(self.units))]
-        if dims is not None and all(r is not None for r in remaps):
-            rows = tuple(int(r.shape[0]) for r in remaps)  # type: ignore[union-attr]
+        loaded_remaps = [r for r in remaps if r is not None]
+        if dims is not None and len(loaded_remaps) == len(remaps):
+            rows = tuple(int(r.shape[0]) for r in loaded_remaps)
             if tuple(dims.shape) != (len(self.units),) or rows != self.units.rows:
                 error_msgs.append(
                     f"{prefix or 'embedding'}: the weights hold {int(dims.numel())} embedding units with rows "
@@ -383,10 +393,10 @@ class MixedDimEmbedding(FeatureEmbedding):
                     f"{list(self.units.rows)} (different features or vocabularies)")
                 return
             widths = [w.long().cpu() if w is not None else torch.where(r.cpu() >= 0, int(d), 0).long()
-                      for w, r, d in zip(stored_widths, remaps, dims.tolist())]  # type: ignore[union-attr]
+                      for w, r, d in zip(stored_widths, loaded_remaps, dims.tolist())]
             same = all(torch.equal(w, self.row_widths(i).cpu()) and torch.equal(
-                r.to(torch.int32).cpu(), self._remap(i).cpu())  # type: ignore[union-attr]
-                for i, (w, r) in enumerate(zip(widths, remaps)))
+                r.to(torch.int32).cpu(), self._remap(i).cpu())
+                for i, (w, r) in enumerate(zip(widths, loaded_remaps)))
             if not same:
                 self._install(widths, None)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -424,6 +434,22 @@ class MixedDimEmbedding(FeatureEmbedding):
                 rows = torch.arange(start, start + len(remap), device=remap.device)[selected]
                 dense[rows, :d] = weights[d][remap[selected]]
         return dense
+
+    @torch.no_grad()
+    def load_kept_rows(self, source: FeatureEmbedding, kept: KeptValues) -> bool:
+        """The base class's copy for a table stored by width groups: the kept units' rows of ``source``'s full
+        table (a mixed-dimension table of the unrestricted layout, every row and dimension stored) become this
+        table's full table."""
+        if not isinstance(source, MixedDimEmbedding) or source.dim != self.dim:
+            return False
+        full = source.dense_table()
+        index: list[torch.Tensor] = []
+        for name, start, rows in zip(source.units.names, source.units.offsets, source.units.rows):
+            ids = (torch.from_numpy(kept.tables[name].nonzero()[0]) if name in kept.tables
+                   else torch.arange(rows))
+            index.append(ids.to(full.device) + start)
+        self.reset_dense_(full[torch.cat(index)])
+        return True
 
     @torch.no_grad()
     def reset_dense_(self, table: torch.Tensor) -> None:

@@ -88,6 +88,12 @@ class MultiplexedEmbedding(HashedTableEmbedding):
     value and sequences are mean- or sum-pooled over their real items, as in ``per_field``.
     """
 
+    # Buffers, declared for the type checker (``nn.Module.__getattr__`` is typed ``Tensor | Module``).
+    categorical_a: torch.Tensor
+    categorical_b: torch.Tensor
+    table_a: torch.Tensor
+    table_b: torch.Tensor
+
     def __init__(self, config: MultiplexedConfig, layout: FeatureLayout, dim: int | None = None) -> None:
         super().__init__()
         self.layout = layout

@@ -55,6 +55,9 @@ class PerFieldEmbedding(FeatureEmbedding):
     fields instead of one per table, which is several times faster on CPU.
     """
 
+    # Buffers, declared for the type checker (``nn.Module.__getattr__`` is typed ``Tensor | Module``).
+    categorical_offsets: torch.Tensor
+
     def __init__(self, config: PerFieldConfig, layout: FeatureLayout, dim: int | None = None) -> None:
         super().__init__()
         self.layout = layout
@@ -78,6 +81,11 @@ class PerFieldEmbedding(FeatureEmbedding):
 
     def table_parameters(self) -> list[nn.Parameter]:
         return [self.weight]
+
+    def value_tables(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        tables = {name: self.weight[start:start + rows]
+                  for (name, rows), start in zip(self.layout.tables().items(), self.table_offsets.values())}
+        return tables, self.numeric_weight if self.layout.numeric else None
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight, sparse=self.sparse)

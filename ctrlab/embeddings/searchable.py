@@ -2,8 +2,9 @@
 an earlier run to start from, and the full-table embedding their search stages train.
 
 A searching kind (``optembed``, ``dnis``) registers the table its final model holds, a
-:class:`~ctrlab.embeddings.mixed_dim.MixedDimEmbedding`; its stages (``ctrlab.search.optembed``,
-``ctrlab.search.dnis``) run inside ``ctrlab train`` before the final training and prune that table.
+:class:`~ctrlab.embeddings.mixed_dim.MixedDimEmbedding`; its stages (the search methods ``ctrlab.search.optembed``,
+``ctrlab.search.dnis`` on :mod:`ctrlab.search.framework`) run inside ``ctrlab train`` before the final training and
+prune that table.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
+from ctrlab.config.stages import check_stages
 from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.layout import FeatureLayout
 from ctrlab.embeddings.base import EmbeddingConfigBase, EmbeddingOutput, FeatureEmbedding
@@ -38,20 +40,7 @@ class SearchableEmbeddingConfig(EmbeddingConfigBase):
 
     @model_validator(mode="after")
     def _check_stages(self) -> SearchableEmbeddingConfig:
-        stages: list[str] = list(getattr(self, "stages"))
-        canonical = list(self.STAGES)
-        if not stages:
-            raise ValueError(f"embedding.stages is empty; list at least one of {', '.join(canonical)}")
-        if len(set(stages)) != len(stages) or stages != sorted(stages, key=canonical.index):
-            raise ValueError(f"embedding.stages {stages} must list distinct stages in the order "
-                             f"{', '.join(canonical)}")
-        skipped = canonical[:canonical.index(stages[0])]
-        if skipped and self.from_run is None:
-            raise ValueError(f"embedding.stages {stages} skip {', '.join(skipped)}; set embedding.from_run to a run "
-                             f"directory that ran {skipped[-1]}, or list {skipped[-1]} in embedding.stages")
-        if not skipped and self.from_run is not None:
-            raise ValueError(f"embedding.from_run is set but embedding.stages {stages} start with {stages[0]}, which "
-                             "reads nothing from an earlier run; remove from_run or leave the first stages out")
+        check_stages("embedding", getattr(self, "stages"), self.STAGES, self.from_run)
         return self
 
 

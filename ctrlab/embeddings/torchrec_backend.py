@@ -80,6 +80,10 @@ class TorchrecEmbedding(FeatureEmbedding):
     concatenated in :meth:`FeatureLayout.tables` order), so row counts and regularisers carry over.
     """
 
+    # Buffers, declared for the type checker (``nn.Module.__getattr__`` is typed ``Tensor | Module``).
+    _order: torch.Tensor
+    categorical_offsets: torch.Tensor
+
     def __init__(self, config: PerFieldConfig, layout: FeatureLayout, dim: int | None = None) -> None:
         super().__init__()
         torchrec = _torchrec()
@@ -139,6 +143,10 @@ class TorchrecEmbedding(FeatureEmbedding):
 
     def table_parameters(self) -> list[nn.Parameter]:
         return [self.table_weight(t) for t in self.tables]
+
+    def value_tables(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        return ({t: self.table_weight(t) for t in self.tables},
+                self.numeric_weight if self.layout.numeric else None)
 
     @property
     def num_rows(self) -> int:

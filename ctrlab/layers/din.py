@@ -21,6 +21,10 @@ class Dice(nn.Module):
     (statistics over every leading position).
     """
 
+    # Buffers, declared for the type checker (``nn.Module.__getattr__`` is typed ``Tensor | Module``).
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+
     def __init__(self, num_features: int, eps: float = 1e-8, momentum: float = 0.01, alpha_init: float = 0.0) -> None:
         super().__init__()
         self.num_features = num_features

@@ -13,52 +13,73 @@ from ctrlab.blocks.base import BlockInput
 from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.layout import FeatureLayout
 from ctrlab.embeddings import EMBEDDINGS, FeatureEmbedding
+from ctrlab.embeddings.base import EmbeddingOutput
+from ctrlab.gates.base import FeatureGate
 
 
 class CTRModel(nn.Module):
-    """logit(x) = b + [Σ_i w_i x_i] + block(embedding(x)).
+    """logit(x) = b + [Σ_i w_i x_i] + block(gate(embedding(x))).
 
-    The first-order term is a width-1 embedding of the same kind as the main one. The model returns logits only;
-    the trainer owns the loss, the optimiser and the device.
+    The first-order term is a width-1 embedding of the same kind as the main one. ``gate`` (optional, e.g. OptFS's
+    per-value gates during a feature-set search) scales both embeddings' vectors before they are used. The model
+    returns logits only; the trainer owns the loss, the optimiser and the device.
     """
 
     def __init__(
-        self, embedding: FeatureEmbedding | None, block: InteractionBlock | None, linear: FeatureEmbedding | None
+        self, embedding: FeatureEmbedding | None, block: InteractionBlock | None, linear: FeatureEmbedding | None,
+        gate: FeatureGate | None = None,
     ) -> None:
         super().__init__()
         self.embedding = embedding
         self.block = block
         self.linear = linear
+        self.gate = gate
         self.bias = nn.Parameter(torch.zeros(1))
+
+    def _gated(self, output: EmbeddingOutput, batch: FeatureBatch) -> EmbeddingOutput:
+        return self.gate(output, batch) if self.gate is not None else output
 
     def forward(self, batch: FeatureBatch) -> torch.Tensor:
         logit = self.bias.expand(len(batch))
         if self.block is not None and self.embedding is not None:
-            logit = logit + self.block(self.embedding(batch))
+            logit = logit + self.block(self._gated(self.embedding(batch), batch))
         if self.linear is not None:
-            logit = logit + self.linear(batch).fields.sum(dim=(1, 2))
+            logit = logit + self._gated(self.linear(batch), batch).fields.sum(dim=(1, 2))
         return logit
 
     def embedding_modules(self) -> list[FeatureEmbedding]:
         return [m for m in (self.embedding, self.linear) if m is not None]
 
+    def architecture_parameters(self) -> list[nn.Parameter]:
+        """Every part's search parameters (thresholds, significance weights, gates, a block's choices): the
+        trainer's own optimisers leave them out, a search gives them theirs."""
+        parts: list[nn.Module] = [*self.embedding_modules(), *(m for m in (self.gate, self.block) if m is not None)]
+        found: list[nn.Parameter] = []
+        for part in parts:
+            method = getattr(part, "architecture_parameters", None)
+            if method is not None:
+                found.extend(p for p in method() if all(p is not q for q in found))
+        return found
+
 
 def build_model(embedding_config: Any, model_config: Any, layout: FeatureLayout,
-                main_embedding: Callable[[Any, FeatureLayout], FeatureEmbedding] | None = None) -> CTRModel:
+                main_embedding: Callable[[Any, FeatureLayout], FeatureEmbedding] | None = None,
+                gate: FeatureGate | None = None) -> CTRModel:
     """Build the model a recipe's ``embedding`` and ``model`` sections describe, for a fitted layout.
 
     ``main_embedding(embedding_config, layout)`` builds the main embedding instead of the registry (an embedding
-    search's supernet); the first-order term stays the registry's."""
+    search's supernet); the first-order term stays the registry's. ``gate`` goes into the gate slot (built after
+    everything else, so the rest of the model draws the same initial values with or without it)."""
     if layout.num_fields == 0:
         raise ValueError("the recipe selects no features")
     linear = EMBEDDINGS.build(embedding_config, layout, dim=1) if model_config.linear else None
     block_type = BLOCKS.get(model_config.block).impl
     if not getattr(block_type, "needs_embedding", True):
-        return CTRModel(None, None, linear)
+        return CTRModel(None, None, linear, gate)
     width = block_type.embedding_width(model_config, embedding_config.dim)
     if width != embedding_config.dim:
         embedding_config = embedding_config.model_copy(update={"dim": width})
     embedding = (main_embedding or EMBEDDINGS.build)(embedding_config, layout)
     block = BLOCKS.build(model_config, BlockInput(layout, embedding.dim))
     block.reset_dense_parameters(model_config.dense_init)
-    return CTRModel(embedding, block, linear)
+    return CTRModel(embedding, block, linear, gate)

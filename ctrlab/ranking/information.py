@@ -20,7 +20,6 @@ import numpy as np
 
 from ctrlab.ranking.encode import factorize
 
-
 _DIRECT_BINCOUNT_LIMIT = 1 << 20  # value pairs below this count are counted in a dense array, above it hashed
 
 

@@ -11,10 +11,10 @@ Three heuristics order the features:
   feature with a partner, ``MI((a, b); y) - MI(a; y) - MI(b; y)`` (chance-corrected), over the larger of the best
   relevance and the best interaction; redundancy the largest share of the feature's information that an already
   selected feature carries (:func:`~ctrlab.ranking.information.adjusted_redundancy`: a relabelled copy scores 1, an
-  independent feature 0, a country given its city 1 but the city given its country less). Redundancy discounts the feature's value
-  in proportion (instead of OutRank's plain difference) so that a copy cannot win back through its source's
-  interactions, and it takes the maximum over the selected set (instead of OutRank's median), because a median lets
-  a copy climb back once enough unrelated features have been selected.
+  independent feature 0, a country given its city 1 but the city given its country less). Redundancy discounts the
+  feature's value in proportion (instead of OutRank's plain difference) so that a copy cannot win back through its
+  source's interactions, and it takes the maximum over the selected set (instead of OutRank's median), because a
+  median lets a copy climb back once enough unrelated features have been selected.
 
 Pair statistics (redundancy, interaction) are computed only among the ``pair_candidates`` most relevant features and
 on at most ``pair_rows`` rows, so their cost is bounded whatever the data size; every per-feature score uses all
@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import polars as pl
@@ -38,6 +38,9 @@ from ctrlab.ranking.information import (
     codes_entropy,
     joint_codes,
 )
+
+if TYPE_CHECKING:
+    from ctrlab.ranking.source import ParquetColumns
 
 Heuristic = Literal["mi", "normalized_mi", "3mr"]
 HEURISTICS: tuple[str, ...] = ("mi", "normalized_mi", "3mr")
@@ -94,7 +97,7 @@ class FeatureRanking:
                 "options": asdict(self.options), "top": self.top(10)}
 
 
-def rank_features(frame: pl.DataFrame, target: str, kinds: dict[str, Kind | None],
+def rank_features(frame: pl.DataFrame | ParquetColumns, target: str, kinds: dict[str, Kind | None],
                   options: RankingOptions | None = None, progress: Progress | None = None,
                   source: str = "data") -> FeatureRanking:
     """Rank the columns named in ``kinds`` (a kind of None is inferred) of ``frame`` by their information on

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ctrlab.ranking.rank import FeatureRanking
 from ctrlab.utils.io import atomic_path, write_json_atomic
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 RANKING_FILE = "ranking.csv"
 PAIRS_FILE = "pairs.csv"
@@ -31,7 +35,7 @@ def write_ranking(result: FeatureRanking, output_dir: Path, source: str) -> list
     return paths
 
 
-def ranking_figure(result: FeatureRanking, limit: int = 40):  # type: ignore[no-untyped-def]
+def ranking_figure(result: FeatureRanking, limit: int = 40) -> Figure:
     """Bars of plain and normalised MI per feature in rank order; hatched bars carry a data-quality note."""
     import matplotlib
 

@@ -38,7 +38,7 @@ def apply_selection(features: FeaturesConfig) -> FeaturesConfig:
     if select is None:
         return features
     ranked = read_ranking(select.ranking)
-    rankable = [f.name for f in (*features.categorical, *features.numeric)]
+    rankable = [f.name for f in features.categorical] + [f.name for f in features.numeric]
     unranked = [name for name in rankable if name not in ranked]
     if unranked:
         raise RecipeError(f"features.select: feature '{unranked[0]}' is not in the ranking {select.ranking}; "

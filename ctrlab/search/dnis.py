@@ -1,7 +1,8 @@
 """DNIS's stages (Cheng, Shen, Huang 2020, "Differentiable Neural Input Search for Recommender Systems"):
 ``search`` (Section 3: the soft selection layer trained by first-order bi-level optimisation, then the dimensions
 ranked by significance and pruned) and ``retrain`` (the run's own final training of the mixed-dimension table),
-run by :func:`ctrlab.search.embedding_search.run_embedding_search`.
+on the search framework (:mod:`ctrlab.search.framework`; the table artefact and its files:
+:mod:`ctrlab.search.tables`).
 
 Outputs under ``<run>/embedding_search/``:
 
@@ -24,18 +25,12 @@ from __future__ import annotations
 
 import csv
 import functools
-import itertools
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from ctrlab.config.train import TrainConfig
-from ctrlab.data.batches import BatchIterator, FeatureBatch
 from ctrlab.embeddings.dnis import (
     DNISConfig,
     DNISSearchEmbedding,
@@ -46,9 +41,10 @@ from ctrlab.embeddings.dnis import (
 from ctrlab.embeddings.mixed_dim import EmbeddingArchitecture, EmbeddingUnits
 from ctrlab.errors import DataError, RecipeError
 from ctrlab.models.ctr_model import CTRModel
-from ctrlab.search.embedding_search import SearchContext, SearchOutcome
-from ctrlab.train.device import autocast
-from ctrlab.train.optim import Optimizers
+from ctrlab.run_dir import EMBEDDING_SEARCH_DIR
+from ctrlab.search.framework import SearchContext, SearchMethod, register
+from ctrlab.search.tables import TableArchitecture, TableOutcome, check_has_table, report_architecture, table_units
+from ctrlab.train.hooks import ParameterGroup, TrainingHooks
 from ctrlab.train.trainer import EpochRecord, Trainer
 from ctrlab.utils.checkpoint import save_weights
 from ctrlab.utils.io import atomic_path
@@ -60,77 +56,13 @@ WEIGHT_KEY = "embedding.weight"
 
 
 # ------------------------------------------------------------------------------------------ bi-level steps
-class ValidationStep:
-    """One architecture step of DNIS's first-order bi-level optimisation (Cheng et al. 2020, Section 3.3): with
-    the model's weights fixed, ``α ← Adam(α, ∇_α L_valid(w, α))`` on the next validation batch.
-
-    The batch is scored in eval mode (no dropout, batch-norm statistics untouched) and the gradient is taken with
-    :func:`torch.autograd.grad` for ``α`` alone: the weights get no gradient and no update. Outside this step ``α``
-    has ``requires_grad`` off, so training batches never reach it. After a step ``α.grad`` holds the validation
-    gradient it used."""
-
-    def __init__(self, model: CTRModel, alpha: torch.nn.Parameter, valid: FeatureBatch, batch_size: int, lr: float,
-                 device: torch.device, precision: str = "fp32", seed: int = 0) -> None:
-        self.model = model
-        self.alpha = alpha
-        self.device = device
-        self.precision = precision
-        self.optimizer = torch.optim.Adam([alpha], lr=lr)
-        self.steps = 0
-        generator = torch.Generator().manual_seed(seed)
-        self._batches = self._cycle(BatchIterator(valid.to(device), batch_size, shuffle=True, generator=generator))
-        alpha.requires_grad_(False)
-
-    @staticmethod
-    def _cycle(iterator: BatchIterator) -> Iterator[FeatureBatch]:
-        for _ in itertools.count():
-            yield from iterator
-
-    def __call__(self) -> None:
-        batch = next(self._batches)
-        was_training = self.model.training
-        self.model.eval()
-        self.alpha.requires_grad_(True)
-        try:
-            with autocast(self.device, self.precision):
-                logits = self.model(batch)
-            loss = F.binary_cross_entropy_with_logits(logits.float(), batch.label)  # type: ignore[arg-type]
-            (grad,) = torch.autograd.grad(loss, [self.alpha])
-        finally:
-            self.alpha.requires_grad_(False)
-            self.model.train(was_training)
-        self.alpha.grad = grad
-        self.optimizer.step()
-        self.steps += 1
-
-
-@dataclass
-class BilevelOptimizers(Optimizers):
-    """The model's optimisers, followed after every step by ``after_step`` (the architecture step): the trainer's
-    loop then alternates a training step on the weights (``α`` fixed) and a validation step on ``α``."""
-
-    after_step: Callable[[], None] | None = None
-
-    def step(self, scaler: torch.amp.GradScaler | None = None) -> None:
-        super().step(scaler)
-        if self.after_step is not None:
-            self.after_step()
-
-
-class BilevelTrainer(Trainer):
-    """The :class:`~ctrlab.train.trainer.Trainer` for DNIS's search: every training step on the weights is
-    followed by a :class:`ValidationStep` on the significance weights (Cheng et al. 2020, Section 3.3)."""
-
-    def __init__(self, model: CTRModel, config: TrainConfig, device: torch.device, valid: FeatureBatch,
-                 arch_lr: float, **kwargs: Any) -> None:
-        super().__init__(model, config, device, **kwargs)
-        embedding = model.embedding
-        assert isinstance(embedding, DNISSearchEmbedding)
-        self.architecture_step = ValidationStep(self.model, embedding.alpha, valid, config.batch_size, arch_lr,
-                                                device, config.precision, seed=kwargs.get("seed", 0) + 1)
-        base = self.optimizers
-        self.optimizers = BilevelOptimizers(base.optimizers, base.lazy_embedding_decay, base.mini_batch_aware_decay,
-                                            after_step=self.architecture_step)
+def bilevel_hooks(embedding: DNISSearchEmbedding, arch_lr: float) -> TrainingHooks:
+    """DNIS's first-order bi-level optimisation (Cheng et al. 2020, Section 3.3) as trainer hooks: the significance
+    weights ``α`` form a validation-step group (Adam, learning rate ``arch_lr``, no weight decay), so every training
+    step on the weights (``α`` fixed) is followed by a step on ``α`` on the next validation batch (see
+    :class:`~ctrlab.train.hooks.ValidationStep`). ``train.lr_on_plateau`` leaves ``arch_lr`` as it is."""
+    return TrainingHooks(parameter_groups=[ParameterGroup("alpha", [embedding.alpha], lr=arch_lr, on_plateau=False,
+                                                          step="validation")])
 
 
 # ------------------------------------------------------------------------------------------------- pruning
@@ -230,7 +162,7 @@ def write_significance(context: SearchContext, alpha: torch.Tensor, significance
         with tmp.open("w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(["unit", "rows", "dimension", "alpha", "abs_alpha", "significance", "rank", "kept"])
-            for b, name in enumerate(blocks.names(context.units)):
+            for b, name in enumerate(blocks.names(table_units(context))):
                 position = {k: r for r, k in enumerate(ranks[b])}
                 for k in range(alpha.shape[1]):
                     value = float(alpha[b, k])
@@ -243,9 +175,9 @@ def frequency_blocks(context: SearchContext) -> FrequencyBlocks:
     so a later ``retrain`` recomputes them)."""
     config: DNISConfig = context.config
     if config.blocks == 1:
-        return FrequencyBlocks.one_per_unit(context.units)
+        return FrequencyBlocks.one_per_unit(table_units(context))
     counts = training_row_counts(context.layout, context.batches["train"])
-    return FrequencyBlocks.from_counts(context.units, counts, config.blocks, config.block_min_rows)
+    return FrequencyBlocks.from_counts(table_units(context), counts, config.blocks, config.block_min_rows)
 
 
 # ---------------------------------------------------------------------------------------------- the stages
@@ -262,15 +194,15 @@ def search(context: SearchContext) -> tuple[CTRModel, dict[str, Any]]:
                              **{f"search.valid_{k}": v for k, v in record.valid.items()}}, step=record.epoch)
 
     train_config = context.recipe.train.model_copy(update={"epochs": config.search_epochs})
-    trainer = BilevelTrainer(model, train_config, context.device, context.batches["valid"], config.arch_lr,
-                             seed=context.recipe.seed, console=context.console, callbacks=[log_epoch])
+    trainer = Trainer(model, train_config, context.device, seed=context.recipe.seed, console=context.console,
+                      callbacks=[log_epoch], hooks=bilevel_hooks(embedding, config.arch_lr))
     context.say(f"stage search: up to {config.search_epochs} epochs, alpha lr {config.arch_lr:g} on validation "
                 f"batches after every training step, {len(embedding.blocks)} blocks")
     fit = trainer.fit(context.batches["train"], context.batches["valid"])
-    embedding.alpha.requires_grad_(True)
+    steps = trainer.validation_steps
     save_weights(model, context.directory / SEARCH_MODEL_FILE)
     summary = {"epochs_run": len(fit.history), "best_epoch": fit.best_epoch, "best_valid": fit.best_valid,
-               "architecture_steps": trainer.architecture_step.steps,
+               "architecture_steps": steps,
                "history": [r.as_dict() for r in fit.history]}
     context.say(f"search: best epoch {fit.best_epoch}, valid "
                 + "  ".join(f"{k} {v:.5f}" for k, v in fit.best_valid.items()))
@@ -287,33 +219,43 @@ def load_search(context: SearchContext, blocks: FrequencyBlocks) -> tuple[torch.
     if alpha is None or tuple(alpha.shape) != expected:
         raise DataError(f"{path}: no significance weights {ALPHA_KEY} of shape {expected} (the earlier run has other "
                         "features, another embedding.dim or other embedding.blocks)")
-    if weight is None or tuple(weight.shape) != (context.units.total_rows, context.dim):
-        raise DataError(f"{path}: no table {WEIGHT_KEY} of shape {(context.units.total_rows, context.dim)}")
+    if weight is None or tuple(weight.shape) != (table_units(context).total_rows, context.dim):
+        raise DataError(f"{path}: no table {WEIGHT_KEY} of shape {(table_units(context).total_rows, context.dim)}")
     return alpha, weight
 
 
-def run(context: SearchContext) -> SearchOutcome:
-    """Run the listed stages; without ``search``, the significance weights come from ``embedding.from_run``."""
-    config: DNISConfig = context.config
-    summary: dict[str, Any] = {}
-    network: CTRModel | None = None
-    if "search" in config.stages:
-        network, summary["search"] = search(context)
-        embedding = network.embedding
-        assert isinstance(embedding, DNISSearchEmbedding)
-        alpha, weight, blocks = embedding.alpha.detach().cpu(), embedding.weight.detach().cpu(), embedding.blocks
-    else:
-        blocks = frequency_blocks(context)
-        alpha, weight = load_search(context, blocks)
-    significance = block_significance(weight, alpha, blocks, config.significance)
-    kept = block_dims(significance, blocks, config)
-    architecture = architecture_from_dims(significance, kept, context.units, blocks)
-    write_significance(context, alpha, significance, blocks, kept)
-    rule = f"threshold {config.threshold:g}" if config.threshold is not None else f"budget {config.budget:g}"
-    summary["pruning"] = {"rule": rule, "blocks": len(blocks)}
-    if len(blocks) > len(context.units):
-        summary["pruning"]["block_dims"] = dict(zip(blocks.names(context.units), kept))
-    # Without re-training, the run's model is the searched network itself: its blocks were trained on every
-    # dimension in place, so it keeps the full table (alpha folded in); the dims are saved for a later retrain.
-    return SearchOutcome(architecture, retrain="retrain" in config.stages, network=network, summary=summary,
-                         network_architecture=EmbeddingArchitecture(context.dim))
+@register
+class DNISSearch(SearchMethod):
+    """DNIS (Cheng et al. 2020): stages ``search`` and ``retrain`` of ``embedding.kind: dnis``."""
+
+    name = "dnis"
+    directory = EMBEDDING_SEARCH_DIR
+
+    def run(self, context: SearchContext) -> TableOutcome:
+        """Run the listed stages; without ``search``, the significance weights come from ``embedding.from_run``."""
+        check_has_table(context.recipe, context.section)
+        config: DNISConfig = context.config
+        summary: dict[str, Any] = {}
+        network: CTRModel | None = None
+        units = table_units(context)
+        if "search" in config.stages:
+            network, summary["search"] = search(context)
+            embedding = network.embedding
+            assert isinstance(embedding, DNISSearchEmbedding)
+            alpha, weight, blocks = embedding.alpha.detach().cpu(), embedding.weight.detach().cpu(), embedding.blocks
+        else:
+            blocks = frequency_blocks(context)
+            alpha, weight = load_search(context, blocks)
+        significance = block_significance(weight, alpha, blocks, config.significance)
+        kept = block_dims(significance, blocks, config)
+        artefact = TableArchitecture(architecture_from_dims(significance, kept, units, blocks), units)
+        write_significance(context, alpha, significance, blocks, kept)
+        rule = f"threshold {config.threshold:g}" if config.threshold is not None else f"budget {config.budget:g}"
+        summary["pruning"] = {"rule": rule, "blocks": len(blocks)}
+        if len(blocks) > len(units):
+            summary["pruning"]["block_dims"] = dict(zip(blocks.names(units), kept))
+        report_architecture(context, artefact)
+        # Without re-training, the run's model is the searched network itself: its blocks were trained on every
+        # dimension in place, so it keeps the full table (alpha folded in); the dims are saved for a later retrain.
+        return TableOutcome(artefact, retrain="retrain" in config.stages, summary=summary, network=network,
+                            network_architecture=EmbeddingArchitecture(context.dim))

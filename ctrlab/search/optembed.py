@@ -1,6 +1,7 @@
 """OptEmbed's stages (Lyu et al. 2022, "OptEmbed: Learning Optimal Embedding Table for Click-through Rate
 Prediction", CIKM): ``supernet`` (Sections 3.2-3.3), ``search`` (Section 3.3, evolutionary search) and ``retrain``
-(Section 3.4; the run's own final training), run by :func:`ctrlab.search.embedding_search.run_embedding_search`.
+(Section 3.4; the run's own final training), on the search framework (:mod:`ctrlab.search.framework`; the table
+artefact and its files: :mod:`ctrlab.search.tables`).
 
 Outputs under ``<run>/embedding_search/``:
 
@@ -26,20 +27,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctrlab.config.train import TrainConfig
 from ctrlab.embeddings.mixed_dim import EmbeddingArchitecture
 from ctrlab.embeddings.optembed import OptEmbedConfig, OptEmbedSupernet
 from ctrlab.errors import RecipeError
 from ctrlab.models.ctr_model import CTRModel
-from ctrlab.search.embedding_search import (
+from ctrlab.run_dir import EMBEDDING_SEARCH_DIR
+from ctrlab.search.framework import SearchContext, SearchMethod, register
+from ctrlab.search.tables import (
     DIMS_FILE,
     ROW_MASK_FILE,
-    SearchContext,
-    SearchOutcome,
+    TableArchitecture,
+    TableOutcome,
+    check_has_table,
     load_dims,
     load_row_mask,
+    report_architecture,
+    table_units,
     valid_auc,
 )
+from ctrlab.train.hooks import ParameterGroup, TrainingHooks
 from ctrlab.train.trainer import EpochRecord, Trainer
 from ctrlab.utils.checkpoint import save_weights
 from ctrlab.utils.io import atomic_path
@@ -50,21 +56,15 @@ PROGRESS_FILE = "search_progress.png"
 
 
 # ---------------------------------------------------------------------------------------------- supernet
-class SupernetTrainer(Trainer):
-    """The :class:`~ctrlab.train.trainer.Trainer` for OptEmbed's supernet (Lyu et al. 2022, Section 3.2): the loss
-    adds the threshold regulariser ``α · Σ_f exp(-t_f)``, and the thresholds get their own Adam with learning
-    rate ``threshold_lr`` (the model's optimisers leave them out)."""
-
-    def __init__(self, model: CTRModel, config: TrainConfig, device: torch.device, threshold_lr: float,
-                 **kwargs: Any) -> None:
-        super().__init__(model, config, device, **kwargs)
-        embedding = model.embedding
-        assert isinstance(embedding, OptEmbedSupernet)
-        self.supernet = embedding
-        self.optimizers.optimizers.append(torch.optim.Adam(embedding.architecture_parameters(), lr=threshold_lr))
-
-    def _loss(self, batch: Any) -> torch.Tensor:
-        return super()._loss(batch) + self.supernet.sparsity_loss()
+def supernet_hooks(supernet: OptEmbedSupernet, threshold_lr: float) -> TrainingHooks:
+    """What OptEmbed's supernet adds to training (Lyu et al. 2022, Section 3.2): the threshold regulariser
+    ``α · Σ_f exp(-t_f)`` in the loss, and the thresholds in a group of their own (Adam, learning rate
+    ``threshold_lr``, no weight decay), whose learning rate ``train.lr_on_plateau`` lowers with the model's."""
+    return TrainingHooks(
+        loss_terms=[lambda batch: supernet.sparsity_loss()],
+        parameter_groups=[ParameterGroup("thresholds", supernet.architecture_parameters(), lr=threshold_lr,
+                                         on_plateau=True)],
+    )
 
 
 def kept_row_fraction(supernet: OptEmbedSupernet) -> float:
@@ -87,8 +87,8 @@ def train_supernet(context: SearchContext) -> tuple[CTRModel, dict[str, Any]]:
                              "supernet.kept_row_fraction": kept_row_fraction(supernet)}, step=record.epoch)
 
     train_config = context.recipe.train.model_copy(update={"epochs": config.supernet_epochs})
-    trainer = SupernetTrainer(model, train_config, context.device, config.threshold_lr, seed=context.recipe.seed,
-                              console=context.console, callbacks=[log_epoch])
+    trainer = Trainer(model, train_config, context.device, seed=context.recipe.seed, console=context.console,
+                      callbacks=[log_epoch], hooks=supernet_hooks(supernet, config.threshold_lr))
     context.say(f"stage supernet: up to {config.supernet_epochs} epochs, thresholds lr {config.threshold_lr:g}, "
                 f"sparsity weight {config.sparsity_weight:g}")
     fit = trainer.fit(context.batches["train"], context.batches["valid"])
@@ -214,7 +214,7 @@ def search_dims(context: SearchContext, model: CTRModel, rows: dict[str, torch.T
     config: OptEmbedConfig = context.config
     supernet = model.embedding
     assert isinstance(supernet, OptEmbedSupernet)
-    units = context.units
+    units = table_units(context)
     kept_rows = [int(rows[n].sum()) if n in rows else r for n, r in zip(units.names, units.rows)]
     valid = context.batches["valid"]
     if config.search_rows is not None and len(valid) > config.search_rows:
@@ -287,7 +287,7 @@ def search_dims(context: SearchContext, model: CTRModel, rows: dict[str, torch.T
 
 def write_history(context: SearchContext, result: EvolutionResult) -> None:
     """``search_history.csv`` and, with matplotlib, ``search_progress.png``."""
-    names = context.units.names
+    names = table_units(context).names
     with atomic_path(context.directory / HISTORY_FILE) as tmp:
         with tmp.open("w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
@@ -324,34 +324,43 @@ def write_history(context: SearchContext, result: EvolutionResult) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the stages
-def run(context: SearchContext) -> SearchOutcome:
-    """Run the listed stages; stages left out at the front are read from ``embedding.from_run``."""
-    config: OptEmbedConfig = context.config
-    stages = list(config.stages)
-    units = context.units
-    summary: dict[str, Any] = {}
-    network: CTRModel | None = None
-    if "supernet" in stages:
-        network, summary["supernet"] = train_supernet(context)
-    elif "search" in stages or "retrain" not in stages:
-        network = load_supernet(context)
-    if network is not None:
-        supernet = network.embedding
-        assert isinstance(supernet, OptEmbedSupernet)
-        rows = supernet.row_mask()
-    elif units.num_tables:
-        rows = load_row_mask(context.copy_earlier(ROW_MASK_FILE), units)
-    else:
-        rows = {}
-    if "search" in stages:
-        assert network is not None
-        dims, summary["search"] = search_dims(context, network, rows)
-        order: dict[str, list[int]] = {}
-    elif "supernet" in stages:
-        dims, order = {n: context.dim for n in units.names}, {}
-    else:  # read the earlier run's dims (all D when it ran no search)
-        path = context.earlier(DIMS_FILE)
-        saved = load_dims(path, units, context.dim)
-        dims, order = saved.dims, saved.order
-    architecture = EmbeddingArchitecture(context.dim, dims, rows, order)
-    return SearchOutcome(architecture, retrain="retrain" in stages, network=network, summary=summary)
+@register
+class OptEmbedSearch(SearchMethod):
+    """OptEmbed (Lyu et al. 2022): stages ``supernet``, ``search``, ``retrain`` of ``embedding.kind: optembed``."""
+
+    name = "optembed"
+    directory = EMBEDDING_SEARCH_DIR
+
+    def run(self, context: SearchContext) -> TableOutcome:
+        """Run the listed stages; stages left out at the front are read from ``embedding.from_run``."""
+        check_has_table(context.recipe, context.section)
+        config: OptEmbedConfig = context.config
+        stages = list(config.stages)
+        units = table_units(context)
+        summary: dict[str, Any] = {}
+        network: CTRModel | None = None
+        if "supernet" in stages:
+            network, summary["supernet"] = train_supernet(context)
+        elif "search" in stages or "retrain" not in stages:
+            network = load_supernet(context)
+        if network is not None:
+            supernet = network.embedding
+            assert isinstance(supernet, OptEmbedSupernet)
+            rows = supernet.row_mask()
+        elif units.num_tables:
+            rows = load_row_mask(context.copy_earlier(ROW_MASK_FILE), units)
+        else:
+            rows = {}
+        if "search" in stages:
+            assert network is not None
+            dims, summary["search"] = search_dims(context, network, rows)
+            order: dict[str, list[int]] = {}
+        elif "supernet" in stages:
+            dims, order = {n: context.dim for n in units.names}, {}
+        else:  # read the earlier run's dims (all D when it ran no search)
+            path = context.earlier(DIMS_FILE)
+            saved = load_dims(path, units, context.dim)
+            dims, order = saved.dims, saved.order
+        artefact = TableArchitecture(EmbeddingArchitecture(context.dim, dims, rows, order), units)
+        report_architecture(context, artefact)
+        return TableOutcome(artefact, retrain="retrain" in stages, summary=summary, network=network)

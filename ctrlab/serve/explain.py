@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
 import polars as pl
@@ -12,15 +13,27 @@ from ctrlab.data.batches import FeatureBatch
 from ctrlab.errors import CtrlabError
 from ctrlab.serve.predictor import Predictor
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+class _AttentionBlock(Protocol):
+    """A block that keeps its attention weights (AutoInt's)."""
+
+    def record_attention(self, on: bool = True) -> None: ...
+
+    def attention_maps(self) -> list[torch.Tensor]: ...
+
 
 @torch.no_grad()
 def attention_maps(predictor: Predictor, rows: pl.DataFrame) -> list[np.ndarray]:
     """Mean attention weights over ``rows`` and heads, one ``[F, F]`` matrix per attention layer
     (row i: how field i distributes its attention over all fields)."""
-    block = predictor.model.block
-    if block is None or not hasattr(block, "record_attention"):
+    model_block = predictor.model.block
+    if model_block is None or not hasattr(model_block, "record_attention"):
         name = predictor.recipe.model.block
         raise CtrlabError(f"model.block '{name}' has no attention to explain (use autoint or autoint_plus)")
+    block = cast(_AttentionBlock, model_block)
     encoded = predictor.processor.transform(rows, "explain rows", with_label=False)
     block.record_attention(True)
     try:
@@ -31,7 +44,7 @@ def attention_maps(predictor: Predictor, rows: pl.DataFrame) -> list[np.ndarray]
     return maps
 
 
-def attention_figure(maps: list[np.ndarray], field_names: list[str], title: str):  # type: ignore[no-untyped-def]
+def attention_figure(maps: list[np.ndarray], field_names: list[str], title: str) -> Figure:
     """One heat map per attention layer (Agg backend: no display needed)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

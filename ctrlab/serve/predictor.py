@@ -14,7 +14,7 @@ from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.processor import FeatureProcessor
 from ctrlab.errors import DataError
 from ctrlab.models import CTRModel, build_model
-from ctrlab.train.run import PROCESSOR_FILE, RECIPE_FILE, WEIGHTS_FILE
+from ctrlab.run_dir import PROCESSOR_FILE, RECIPE_FILE, WEIGHTS_FILE
 from ctrlab.utils.checkpoint import load_weights
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import polars as pl
 
 from ctrlab.errors import CtrlabError, DataError
-from ctrlab.train.run import METRICS_FILE, PROCESSOR_FILE, RECIPE_FILE, WEIGHTS_FILE
+from ctrlab.run_dir import METRICS_FILE, PROCESSOR_FILE, RECIPE_FILE, WEIGHTS_FILE
 
 MODEL_CODE = Path(__file__).with_name("model_code.py")
 DEFAULT_ALIAS = "champion"
@@ -60,7 +60,8 @@ def check_model_name(name: str, option: str = "--name") -> None:
     if not name or not name.strip():
         raise CtrlabError(f"{option}: the model name is empty")
     if len(name) > _MAX_NAME_LENGTH:
-        raise CtrlabError(f"{option}: the model name has {len(name)} characters; at most {_MAX_NAME_LENGTH} are allowed")
+        raise CtrlabError(f"{option}: the model name has {len(name)} characters; at most {_MAX_NAME_LENGTH} are "
+                          "allowed")
     bad = [c for c in _NAME_FORBIDDEN if c in name]
     if bad:
         raise CtrlabError(f"{option}: model name {_quoted(name)} contains {bad[0]!r}; names cannot contain "
@@ -256,7 +257,8 @@ def register_run(run: str, name: str, alias: str | None = None, tracking_uri: st
     client = MlflowClient()
     run_id = _existing_run(client, run_id)
     if run_id is None:  # an untracked run: give the model a run of its own to live in
-        with mlflow_run(tracking, recipe.tracking.experiment or recipe.name, run_name=f"{recipe.name}-register") as logger:
+        with mlflow_run(tracking, recipe.tracking.experiment or recipe.name,
+                        run_name=f"{recipe.name}-register") as logger:
             assert logger is not None
             run_id = logger.run_id
     # MLflow prints progress and "View run" links to stdout; the CLI's stdout carries only its JSON result.
@@ -326,7 +328,7 @@ def resolve_model(name: str, alias: str | None, version: str | None, tracking_ur
     except Exception as exc:  # a store that cannot be opened (bad URI, unreachable server, not a database)
         raise CtrlabError(f"{shown}: cannot read the model registry ({_first_line(exc)})") from None
     try:
-        found = client.get_model_version_by_alias(name, alias) if version is None \
+        found = client.get_model_version_by_alias(name, alias or DEFAULT_ALIAS) if version is None \
             else client.get_model_version(name, version)
     except MlflowException:
         what = f"alias {_quoted(alias or '')}" if version is None else f"version {version}"

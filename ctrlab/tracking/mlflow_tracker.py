@@ -236,10 +236,13 @@ class RunLogger:
             limit = int(getattr(validation, limit_name))
         except (ImportError, AttributeError):  # pragma: no cover - older MLflow
             limit = fallback_limit
-        entity = Param if kind == "params" else RunTag
-        items = [entity(_key(k), str(v)[:limit]) for k, v in values.items()]
+        items = [(_key(k), str(v)[:limit]) for k, v in values.items()]
         for i in range(0, len(items), _PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, **{kind: items[i:i + _PARAMS_PER_BATCH]}, synchronous=True)
+            batch = items[i:i + _PARAMS_PER_BATCH]
+            if kind == "params":
+                self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in batch], synchronous=True)
+            else:
+                self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in batch], synchronous=True)
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Log parameters in batches of at most 100; values are ``str()``-ed and cut to MLflow's length limit."""

@@ -10,9 +10,11 @@ directory behind. It holds:
 main embedding: ``embedding_parameters``, ``embedding_bytes``) and ``test_predictions.parquet``; with tracking on and
 ``tracking.log_artifacts``, also ``learning_curve.png``.
 
-An embedding kind that searches its table (``optembed``, ``dnis``) runs its search stages first (see
-:mod:`ctrlab.search.embedding_search`): they write ``embedding_search/``, prune the model, and the final training
-re-trains the pruned model (``metrics.json`` key ``embedding_search`` holds the stages' figures).
+A searching section (``gate.kind: optfs``, ``embedding.kind: optembed`` or ``dnis``) runs its search stages first
+(see :mod:`ctrlab.search.framework`): each writes its folder (``feature_search/``, ``embedding_search/``; its
+figures are the ``metrics.json`` key of that name), may restrict the data (a kept feature set: ``processor.json`` is
+written after the searches, so serving applies it) and prepares the final model (pruning, rewinding), which the
+final training then re-trains.
 
 With ``tracking.enabled`` (the default) the run is also logged to MLflow (see :mod:`ctrlab.tracking`): the
 flattened resolved recipe as params, system facts as tags, per-epoch metrics, final test and best validation
@@ -23,7 +25,6 @@ output directory and its MLflow run is marked FAILED.
 from __future__ import annotations
 
 import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,11 +39,25 @@ from rich.console import Console
 from ctrlab.config.loader import flatten, recipe_to_dict
 from ctrlab.config.schema import Recipe
 from ctrlab.data.batches import FeatureBatch
-from ctrlab.data.pipeline import TRUE_PROBABILITY_COLUMN, PreparedData, prepare_data
-from ctrlab.embeddings.searchable import SearchableEmbeddingConfig
 from ctrlab.config.train import TrainConfig
+from ctrlab.data.pipeline import TRUE_PROBABILITY_COLUMN, PreparedData, prepare_data
 from ctrlab.errors import DataError, RecipeError, TrainingDiverged
 from ctrlab.models import CTRModel, build_model
+from ctrlab.run_dir import (
+    EMBEDDING_SEARCH_DIR,
+    FEATURE_SEARCH_DIR,
+    LEARNING_CURVE_FILE,
+    METRICS_FILE,
+    PREDICTIONS_FILE,
+    PROCESSOR_FILE,
+    RECIPE_FILE,
+    RUN_ENTRIES,
+    SEARCH_DIRS,
+    TRACKED_FILES,
+    WEIGHTS_FILE,
+    seed_everything,
+)
+from ctrlab.search.framework import SearchData, run_searches
 from ctrlab.tracking import RunLogger, connect, learning_curve_figure, mlflow_run, system_tags
 from ctrlab.tracking.mlflow_tracker import redact_uri
 from ctrlab.train.device import resolve_device
@@ -54,22 +69,9 @@ from ctrlab.utils.checkpoint import save_weights
 from ctrlab.utils.io import atomic_path, remove_stale, write_json_atomic, write_text_atomic
 from ctrlab.utils.output_dir import OutputFolder
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ctrlab.search.embedding_search import SearchOutcome
-
-RECIPE_FILE = "recipe.yaml"
-PROCESSOR_FILE = "processor.json"
-WEIGHTS_FILE = "model.safetensors"
-METRICS_FILE = "metrics.json"
-PREDICTIONS_FILE = "test_predictions.parquet"
-LEARNING_CURVE_FILE = "learning_curve.png"
-EMBEDDING_SEARCH_DIR = "embedding_search"
-ATTENTION_FILE = "attention.png"
-TRACKED_FILES = (RECIPE_FILE, PROCESSOR_FILE, METRICS_FILE, WEIGHTS_FILE, LEARNING_CURVE_FILE)
-#: What a training run writes into its folder (and so replaces on a rerun); ``ctrlab explain``'s picture belongs to
-#: the model it was drawn from. Anything else in the folder (a ranking, a sweep) is carried into the new run.
-RUN_ENTRIES = frozenset({RECIPE_FILE, PROCESSOR_FILE, WEIGHTS_FILE, METRICS_FILE, PREDICTIONS_FILE,
-                         LEARNING_CURVE_FILE, EMBEDDING_SEARCH_DIR, ATTENTION_FILE})
+__all__ = ["EMBEDDING_SEARCH_DIR", "FEATURE_SEARCH_DIR", "LEARNING_CURVE_FILE", "METRICS_FILE", "PREDICTIONS_FILE",
+           "PROCESSOR_FILE", "RECIPE_FILE", "RUN_ENTRIES", "TRACKED_FILES", "WEIGHTS_FILE", "RunResult",
+           "seed_everything", "train_recipe"]
 
 
 @dataclass
@@ -81,12 +83,6 @@ class RunResult:
     fit: FitResult
     recipe: Recipe
     mlflow_run_id: str | None = None
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
 
 
 def resolved_recipe(recipe: Recipe, data: PreparedData) -> Recipe:
@@ -159,23 +155,24 @@ def _train_and_save(recipe: Recipe, data: PreparedData, device: torch.device, co
                     callbacks: list[EpochCallback] | None, tracker: RunLogger | None,
                     started: float, folder: OutputFolder) -> tuple[dict[str, Any], FitResult, Path]:
     """Build the model, fit, test and write the output directory (atomically)."""
-    layout = data.processor.layout
     sizes = {s: len(v) for s, v in data.splits.items()}
-    seed_everything(recipe.seed)
-    model = build_model(recipe.embedding, recipe.model, layout)
-    batches = {s: FeatureBatch.from_encoded(v) for s, v in data.splits.items()}
+    searched = SearchData(data.processor, {s: FeatureBatch.from_encoded(v) for s, v in data.splits.items()})
     # The tracker logs each epoch before the caller's callbacks run (one of them may raise, e.g. a pruner).
     all_callbacks = ([tracker.log_epoch] if tracker is not None else []) + list(callbacks or [])
 
     output_dir = folder.target
     with folder.build() as tmp:
         write_text_atomic(tmp / RECIPE_FILE, yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-        data.processor.save(tmp / PROCESSOR_FILE)
-        search = _embedding_search(recipe, model, batches, device, console, tracker, tmp)  # prunes the model
+        search = run_searches(recipe, searched, device, console, tracker, tmp)
+        searched.processor.save(tmp / PROCESSOR_FILE)  # as the searches left it (a kept feature set)
+        batches = searched.batches
+        seed_everything(recipe.seed)
+        model = build_model(recipe.embedding, recipe.model, searched.layout)
+        search.prepare_model(model)  # pruned, rewound
         trainer = Trainer(model, recipe.train, device, seed=recipe.seed, console=console, callbacks=all_callbacks)
         state = (TrainingStateFile(state_path(output_dir), recipe_digest(recipe_to_dict(recipe)))
                  if recipe.train.resume else None)
-        if search is None or search.retrain:
+        if search.retrain:
             fit = trainer.fit(batches["train"], batches["valid"], checkpoint=tmp / WEIGHTS_FILE, state=state)
         else:  # the searched network, pruned, is the final model: evaluate only
             fit = FitResult()
@@ -190,8 +187,7 @@ def _train_and_save(recipe: Recipe, data: PreparedData, device: torch.device, co
             "mlflow_run_id": tracker.run_id if tracker is not None else None,
             **embedding_size(trainer.model),
         }
-        if search is not None:
-            metrics["embedding_search"] = search.summary
+        metrics.update(search.summaries)
         test_frame = data.raw.frames["test"]
         if TRUE_PROBABILITY_COLUMN in test_frame.columns:
             truth = test_frame.get_column(TRUE_PROBABILITY_COLUMN).to_numpy()
@@ -258,16 +254,6 @@ def embedding_size(model: CTRModel) -> dict[str, int]:
             "embedding_bytes": embedding.parameter_bytes() if embedding is not None else 0}
 
 
-def _embedding_search(recipe: Recipe, model: CTRModel, batches: dict[str, FeatureBatch], device: torch.device,
-                      console: Console, tracker: RunLogger | None, run_dir: Path) -> SearchOutcome | None:
-    """Run the search stages of an embedding kind that has them (and prune ``model``); None for other kinds."""
-    if not isinstance(recipe.embedding, SearchableEmbeddingConfig):
-        return None
-    from ctrlab.search.embedding_search import run_embedding_search  # imports Optuna: only when searching
-
-    return run_embedding_search(recipe, model, batches, device, console, tracker, run_dir)
-
-
 def _log_results(tracker: RunLogger, metrics: dict[str, Any], fit: FitResult, output_dir: Path,
                  log_artifacts: bool) -> None:
     """Final metrics, then (the output directory being in place) the artefact files."""
@@ -283,8 +269,9 @@ def _log_results(tracker: RunLogger, metrics: dict[str, Any], fit: FitResult, ou
         for name in TRACKED_FILES:
             if (output_dir / name).is_file():
                 tracker.log_artifact(output_dir / name)
-        if (output_dir / EMBEDDING_SEARCH_DIR).is_dir():
-            tracker.log_artifact(output_dir / EMBEDDING_SEARCH_DIR, EMBEDDING_SEARCH_DIR)
+        for folder in SEARCH_DIRS:
+            if (output_dir / folder).is_dir():
+                tracker.log_artifact(output_dir / folder, folder)
 
 
 def _print_result(console: Console, metrics: dict[str, Any], output_dir: Path) -> None:

@@ -1,5 +1,7 @@
 """The training loop: BCE-with-logits, early stopping on a validation metric, learning-rate reduction on a
-plateau, best-checkpoint restore, progress bars and per-epoch summaries."""
+plateau, best-checkpoint restore, progress bars and per-epoch summaries. Searches extend it through
+:class:`~ctrlab.train.hooks.TrainingHooks` (extra loss terms, epoch-start callbacks, named parameter groups with
+their own optimisers, a bi-level validation step), never by overriding its methods."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from ctrlab.data.batches import BatchIterator, FeatureBatch
 from ctrlab.errors import TrainingDiverged
 from ctrlab.models.ctr_model import CTRModel
 from ctrlab.train.device import autocast
+from ctrlab.train.hooks import TrainingHooks, ValidationStep
 from ctrlab.train.metrics import compute_metrics
 from ctrlab.train.optim import Optimizers, build_optimizers
 from ctrlab.train.state import TrainingStateFile
@@ -67,11 +70,15 @@ class Trainer:
     """Owns the optimisers, the device, the loss and the loop; the model only maps batches to logits.
 
     ``callbacks`` run after every epoch's evaluation (trackers log there; a sweep's pruner may raise to stop).
+    ``hooks`` are a search's additions (see :mod:`ctrlab.train.hooks`). With ``keep_best`` (the default)
+    :meth:`fit` ends holding the best validation epoch's weights; without, the last epoch's (a search whose
+    schedule defines its end).
     """
 
     def __init__(self, model: CTRModel, config: TrainConfig, device: torch.device, seed: int = 0,
                  metrics: list[str] | None = None, console: Console | None = None,
-                 callbacks: list[EpochCallback] | None = None) -> None:
+                 callbacks: list[EpochCallback] | None = None, hooks: TrainingHooks | None = None,
+                 keep_best: bool = True) -> None:
         self.model = model.to(device)
         self.config = config
         self.device = device
@@ -82,7 +89,13 @@ class Trainer:
         self.monitor = monitor
         self.console = console or Console(stderr=True)
         self.callbacks = list(callbacks or [])
-        self.optimizers: Optimizers = build_optimizers(self.model, config.optimizer)
+        self.hooks = hooks or TrainingHooks()
+        self.keep_best = keep_best
+        self.seed = seed
+        self.optimizers: Optimizers = build_optimizers(self.model, config.optimizer, self.hooks.parameter_groups)
+        self.validation_step: ValidationStep | None = None
+        self.validation_steps = 0
+        """Bi-level validation steps taken by :meth:`fit` so far."""
         self.generator = torch.Generator().manual_seed(seed)
         self.scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
         self._row_counts: list[torch.Tensor] | None = None
@@ -99,6 +112,8 @@ class Trainer:
             assert self._row_counts is not None, "call fit() or train_epoch(), which count the training rows"
             for module, counts in zip(self.model.embedding_modules(), self._row_counts):
                 loss = loss + module.mini_batch_aware_l2(batch, counts, self.optimizers.mini_batch_aware_decay)
+        for term in self.hooks.loss_terms:
+            loss = loss + term(batch)
         return loss
 
     def _count_rows(self, train: FeatureBatch) -> None:
@@ -125,13 +140,15 @@ class Trainer:
             self.optimizers.zero_grad()
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
-                for opt in self.optimizers.optimizers:
+                for opt in self.optimizers.training:
                     self.scaler.unscale_(opt)
             else:
                 loss.backward()
             if self.config.grad_clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip_norm)
             self.optimizers.step(self.scaler)
+            if self.validation_step is not None:
+                self.validation_step()
             if self.scaler is not None:
                 self.scaler.update()
             total += loss.detach() * len(batch)
@@ -178,7 +195,7 @@ class Trainer:
         return {
             "model": self.model.state_dict(),
             "best_model": best_state if best_state is not None else {},
-            "optimizers": [opt.state_dict() for opt in self.optimizers.optimizers],
+            "optimizers": [opt.state_dict() for opt in self.optimizers.all],
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -196,7 +213,7 @@ class Trainer:
         its epochs to the callbacks and write its best weights to ``checkpoint``; returns (best value, best
         weights, epochs without improvement)."""
         self.model.load_state_dict(saved["model"])
-        for opt, opt_state in zip(self.optimizers.optimizers, saved["optimizers"], strict=True):
+        for opt, opt_state in zip(self.optimizers.all, saved["optimizers"], strict=True):
             opt.load_state_dict(opt_state)
         if self.scaler is not None and saved["scaler"]:
             self.scaler.load_state_dict(saved["scaler"])
@@ -222,9 +239,25 @@ class Trainer:
         """Train until ``epochs`` or early stopping; the model ends holding the best validation weights.
 
         With ``state``, the training state is saved after every epoch and, if a saved one exists, training
-        continues from it; the restored epochs are replayed to the callbacks (a tracker gets the whole curve)."""
+        continues from it; the restored epochs are replayed to the callbacks (a tracker gets the whole curve).
+        With validation-step parameter groups, every training step is followed by a :class:`ValidationStep` on
+        ``valid``."""
         train = train.to(self.device)
         valid = valid.to(self.device)
+        if self.optimizers.validation:
+            self.validation_step = ValidationStep(self.model, self.optimizers.validation, valid,
+                                                  self.config.batch_size, self.device, self.config.precision,
+                                                  seed=self.seed + 1)
+        try:
+            return self._fit(train, valid, checkpoint, state)
+        finally:
+            if self.validation_step is not None:
+                self.validation_steps += self.validation_step.steps
+                self.validation_step.release()
+                self.validation_step = None
+
+    def _fit(self, train: FeatureBatch, valid: FeatureBatch, checkpoint: Path | None,
+             state: TrainingStateFile | None) -> FitResult:
         result = FitResult()
         best_value: float | None = None
         best_state: dict[str, torch.Tensor] | None = None
@@ -236,6 +269,8 @@ class Trainer:
             for epoch in range(len(result.history) + 1, self.config.epochs + 1):
                 if result.stopped_early:
                     break
+                for hook in self.hooks.before_epoch:
+                    hook(epoch)
                 start = time.perf_counter()
                 train_loss = self.train_epoch(train, progress)
                 train_seconds = time.perf_counter() - start
@@ -265,7 +300,7 @@ class Trainer:
                     self.console.print(f"early stopping: no {self.monitor} improvement for {bad_epochs} epochs; "
                                        f"best epoch {result.best_epoch}")
                     break
-        if best_state is not None:
+        if best_state is not None and self.keep_best:
             self.model.load_state_dict(best_state)
         return result
 

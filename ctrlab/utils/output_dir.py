@@ -112,8 +112,8 @@ class OutputFolder:
             raise self._refuse("is the working directory or a folder above it; name a folder for this "
                                f"{self.command}, e.g. runs/{self.recipe_name}")
         if resolved == Path(resolved.anchor) or resolved == Path.home().resolve():
-            raise self._refuse(f"is {'the file-system root' if resolved == Path(resolved.anchor) else 'the home directory'}"
-                               f"; name a folder for this {self.command}, e.g. runs/{self.recipe_name}")
+            where = "the file-system root" if resolved == Path(resolved.anchor) else "the home directory"
+            raise self._refuse(f"is {where}; name a folder for this {self.command}, e.g. runs/{self.recipe_name}")
         if resolved.parent.is_dir():
             remove_stale(resolved.parent, resolved.name)
             busy = [e for e, alive in leftovers(resolved.parent, resolved.name)

@@ -1,7 +1,7 @@
-"""The search space of a sweep: sample one trial's recipe overrides from ``search.space``, and check the space's
+"""The search space of a sweep: sample one trial's recipe overrides from ``sweep.space``, and check the space's
 keys against the recipe schema before any trial runs.
 
-Every key of ``search.space`` is a dotted recipe key (``train.optimizer.lr``); a trial's parameters are returned as
+Every key of ``sweep.space`` is a dotted recipe key (``train.optimizer.lr``); a trial's parameters are returned as
 ``{dotted key: value}`` overrides that :func:`apply_params` writes into the raw recipe mapping. A parameter with
 ``when: {other.key: value}`` is sampled only when every named key has that value, read from the parameters already
 sampled for the trial or else from the (validated) base recipe; keys that other parameters' conditions name are
@@ -17,7 +17,7 @@ from typing import Any
 import optuna
 
 from ctrlab.config.loader import get_path, set_path, validate_recipe
-from ctrlab.config.search import ParamSpace
+from ctrlab.config.sweep import ParamSpace
 from ctrlab.errors import RecipeError
 
 _PRIMITIVE = (type(None), bool, int, float, str)
@@ -34,7 +34,7 @@ def sample_order(space: dict[str, ParamSpace]) -> list[str]:
             return
         if state.get(key) == 1:
             cycle = " -> ".join([*chain[chain.index(key):], key])
-            raise RecipeError(f"search.space: the when conditions form a cycle ({cycle})")
+            raise RecipeError(f"sweep.space: the when conditions form a cycle ({cycle})")
         state[key] = 1
         for dep in space[key].when:
             if dep in space:
@@ -127,7 +127,7 @@ def check_space(raw: dict[str, Any], space: dict[str, ParamSpace], source: str =
     choices, with its ``when`` conditions made true, so that a key the schema does not know (or a range the schema
     rejects) is a one-line :class:`RecipeError` naming the key before any trial runs."""
     sample_order(space)  # rejects condition cycles
-    base = {k: v for k, v in raw.items() if k != "search"}
+    base = {k: v for k, v in raw.items() if k != "sweep"}
     for key, spec in space.items():
         for value in _probe_values(spec):
             conditions = {k: (v[0] if isinstance(v, list) and v else v) for k, v in spec.when.items()}
@@ -139,4 +139,4 @@ def check_space(raw: dict[str, Any], space: dict[str, ParamSpace], source: str =
                 prefix = f"{source}: "
                 if detail.startswith(prefix):
                     detail = detail[len(prefix):]
-                raise RecipeError(f"{source}: search.space key '{key}' (value {value!r}): {detail}") from None
+                raise RecipeError(f"{source}: sweep.space key '{key}' (value {value!r}): {detail}") from None

@@ -1,4 +1,4 @@
-"""Recipe section ``search``: an Optuna study over any recipe field, run by ``ctrlab sweep``."""
+"""Recipe section ``sweep``: an Optuna study over any recipe field, run by ``ctrlab sweep``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from ctrlab.config.base import MAX_EPOCHS, Int, Section
 
 
 class ParamSpace(Section):
-    """The range of one recipe field (its dotted key is the key of ``search.space``).
+    """The range of one recipe field (its dotted key is the key of ``sweep.space``).
 
     ``int`` / ``float`` take ``low``, ``high``, optional ``step`` and ``log``; ``categorical`` takes ``choices``.
     ``when`` makes the parameter conditional: it is sampled only if every named field (dotted key) has the given
@@ -42,7 +42,7 @@ class ParamSpace(Section):
         return self
 
 
-class SearchConfig(Section):
+class SweepConfig(Section):
     """An Optuna study: sampler, pruner (fed the validation metric every epoch), budget and storage.
 
     ``storage`` defaults to an embedded SQLite file ``<output_dir>/study.db``; an SQLAlchemy URL (e.g.

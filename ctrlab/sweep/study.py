@@ -2,7 +2,7 @@
 
 One call of :func:`run_sweep` is one worker. Workers that name the same storage and study share the study, so a
 rerun resumes it and several processes (on several machines, with a server database) split the work. The budget is
-``search.n_trials`` trials that COMPLETE or are PRUNED, summed over all workers and reruns; a FAILed trial (it
+``sweep.n_trials`` trials that COMPLETE or are PRUNED, summed over all workers and reruns; a FAILed trial (it
 raised, or its objective was NaN) does not count. Trials record a heartbeat in the storage: a trial left RUNNING
 by a killed worker is marked FAIL by the next worker once its heartbeat is ``grace`` seconds old.
 
@@ -25,10 +25,10 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import optuna
 import yaml
@@ -38,11 +38,14 @@ from rich.markup import escape
 
 from ctrlab.config.loader import parse_override, read_recipe_file, recipe_to_dict, set_path, validate_recipe
 from ctrlab.config.schema import Recipe
-from ctrlab.config.search import SearchConfig
+from ctrlab.config.sweep import SweepConfig
 from ctrlab.errors import CtrlabError, RecipeError
-from ctrlab.search.space import apply_params, check_space, sample_params
+from ctrlab.sweep.space import apply_params, check_space, sample_params
 from ctrlab.utils.io import remove_stale_in, write_text_atomic
 from ctrlab.utils.output_dir import OutputFolder
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 STUDY_DB = "study.db"
 TRIALS_DIR = "trials"
@@ -150,14 +153,14 @@ def make_storage(url: str, on_stale: Any = None) -> optuna.storages.RDBStorage:
         except Exception as error:  # sqlalchemy OperationalError/IntegrityError on a concurrent create
             last = error
             time.sleep(0.5 + attempt)
-    raise RecipeError(f"search.storage: cannot open {redact_url(url)} ({_one_line(last) if last else 'unknown'})")
+    raise RecipeError(f"sweep.storage: cannot open {redact_url(url)} ({_one_line(last) if last else 'unknown'})")
 
 
-def _sampler_factory(search: SearchConfig) -> Any:
+def _sampler_factory(config: SweepConfig) -> Any:
     def make(seed: int) -> optuna.samplers.BaseSampler:
-        if search.sampler == "random":
+        if config.sampler == "random":
             return optuna.samplers.RandomSampler(seed=seed)
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, search.n_trials // 3)))
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, config.n_trials // 3)))
     return make
 
 
@@ -192,11 +195,11 @@ class _PerTrialSeeded(optuna.samplers.BaseSampler):
         self._inner.reseed_rng()
 
 
-def _pruner(search: SearchConfig, epochs: int) -> optuna.pruners.BasePruner:
-    if search.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=search.pruner_startup_trials,
-                                           n_warmup_steps=search.pruner_warmup_epochs)
-    if search.pruner == "hyperband":
+def _pruner(config: SweepConfig, epochs: int) -> optuna.pruners.BasePruner:
+    if config.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=config.pruner_startup_trials,
+                                           n_warmup_steps=config.pruner_warmup_epochs)
+    if config.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 1))
     return optuna.pruners.NopPruner()
 
@@ -279,57 +282,57 @@ def run_sweep(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = 
         keys, value = parse_override(text)
         set_path(raw, keys, value)
     base = validate_recipe(raw, source)
-    if base.search is None:
-        raise RecipeError(f"{source}: recipe has no search section (add search: {{space: ...}} to sweep it)")
-    search: SearchConfig = base.search
-    if not search.space:
-        raise RecipeError(f"{source}: search.space is empty: name at least one recipe key to search over")
-    check_space(raw, search.space, source)
+    if base.sweep is None:
+        raise RecipeError(f"{source}: recipe has no sweep section (add sweep: {{space: ...}} to sweep it)")
+    config: SweepConfig = base.sweep
+    if not config.space:
+        raise RecipeError(f"{source}: sweep.space is empty: name at least one recipe key to search over")
+    check_space(raw, config.space, source)
     base_dict = recipe_to_dict(base)
 
     monitor = base.train.early_stopping.monitor if base.train.early_stopping else "auc"
     if monitor not in base.train.metrics:
         raise RecipeError(f"{source}: train.metrics must include {monitor} (the metric the sweep optimizes)")
-    direction = "maximize" if _MAXIMIZE[monitor] else "minimize"
+    direction: Literal["maximize", "minimize"] = "maximize" if _MAXIMIZE[monitor] else "minimize"
     from ctrlab.train.state import recipe_digest
 
     # The sweep's folder holds its study, trials and plots; each trial's run folder inside it is the sweep's own,
     # so a trial replaces whatever an earlier study left under the same number.
     output_dir = OutputFolder(base.output_dir, "sweep", base.name, recipe_digest(base_dict)).open()
     remove_stale_in(output_dir / TRIALS_DIR)  # trials of killed workers: their numbers never come again
-    storage_url = search.storage or default_storage(output_dir)
-    study_name = search.study_name or base.name
+    storage_url = config.storage or default_storage(output_dir)
+    study_name = config.study_name or base.name
 
     def on_stale(_study: optuna.Study, trial: FrozenTrial) -> None:
         console.print(f"trial {trial.number:>3} FAIL     its worker stopped sending heartbeats (killed?); "
                       "it does not count", highlight=False)
 
     storage = make_storage(storage_url, on_stale)
-    factory = _sampler_factory(search)
+    factory = _sampler_factory(config)
     with _optuna_quiet():
         study = optuna.create_study(storage=storage, study_name=study_name, direction=direction,
                                     sampler=_PerTrialSeeded(factory, base.seed),
-                                    pruner=_pruner(search, base.train.epochs), load_if_exists=True)
+                                    pruner=_pruner(config, base.train.epochs), load_if_exists=True)
     if study.direction.name.lower() != direction:
         raise RecipeError(f"{source}: study '{study_name}' in {redact_url(storage_url)} is set to "
                           f"{study.direction.name.lower()}, but the recipe monitors {monitor} ({direction}); "
-                          "set search.study_name to start a new study")
+                          "set sweep.study_name to start a new study")
 
-    n_trials = search.n_trials
-    deadline = time.monotonic() + search.timeout_seconds if search.timeout_seconds else None
+    n_trials = config.n_trials
+    deadline = time.monotonic() + config.timeout_seconds if config.timeout_seconds else None
     pass_parent = _accepts_parent_run_id()
     done = sum(1 for t in study.get_trials(deepcopy=False) if t.state in _FINISHED)
-    console.print(f"sweep {escape(study_name)}: {len(search.space)} parameters, {n_trials} trials ({done} done), "
+    console.print(f"sweep {escape(study_name)}: {len(config.space)} parameters, {n_trials} trials ({done} done), "
                   f"{direction} valid {monitor}", highlight=False, soft_wrap=True)
     console.print(f"storage {escape(redact_url(storage_url))}", highlight=False, soft_wrap=True)
 
     with _parent_run(base, study_name) as parent:
         if parent is not None:
-            parent.log_params({"search.n_trials": n_trials, "search.sampler": search.sampler,
-                               "search.pruner": search.pruner, "search.study_name": study_name,
-                               "search.storage": redact_url(storage_url), "search.monitor": monitor,
+            parent.log_params({"sweep.n_trials": n_trials, "sweep.sampler": config.sampler,
+                               "sweep.pruner": config.pruner, "sweep.study_name": study_name,
+                               "sweep.storage": redact_url(storage_url), "sweep.monitor": monitor,
                                **{f"space.{k}": json.dumps(v.model_dump(mode="json", exclude_defaults=True))
-                                  for k, v in search.space.items()}})
+                                  for k, v in config.space.items()}})
         mine: list[FrozenTrial] = []
         errors: dict[int, BaseException] = {}
 
@@ -349,16 +352,16 @@ def run_sweep(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = 
             if ahead >= n_trials:
                 trial.set_user_attr("surplus", True)
                 raise _BudgetTaken("not run: the budget was taken by other workers meanwhile")
-            params = sample_params(trial, search.space, base_dict)
+            params = sample_params(trial, config.space, base_dict)
             trial.set_user_attr("overrides", params)
             data = apply_params(raw, params)
-            data.pop("search", None)
+            data.pop("sweep", None)
             trial_dir = output_dir / TRIALS_DIR / str(trial.number)
             data["output_dir"] = str(trial_dir)
             if base.tracking.enabled:
                 set_path(data, ["tracking", "run_name"], f"{study_name}-trial-{trial.number}")
             recipe = validate_recipe(data, f"{source} (trial {trial.number})")
-            warmup = search.pruner_warmup_epochs if search.pruner != "hyperband" else 0
+            warmup = config.pruner_warmup_epochs if config.pruner != "hyperband" else 0
 
             def report(record: Any) -> None:
                 value = record.valid.get(monitor, float("nan"))
@@ -407,7 +410,7 @@ def run_sweep(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = 
                     break
                 remaining_time = None if deadline is None else deadline - time.monotonic()
                 if remaining_time is not None and remaining_time <= 0:
-                    console.print(f"timeout: search.timeout_seconds ({search.timeout_seconds:g}) reached")
+                    console.print(f"timeout: sweep.timeout_seconds ({config.timeout_seconds:g}) reached")
                     break
                 if finished + running >= n_trials:
                     if not waiting_said:
@@ -501,7 +504,7 @@ def _finish(study: optuna.Study, base: Recipe, raw: dict[str, Any], source: str,
 def best_recipe_dict(best: FrozenTrial, base: Recipe, raw: dict[str, Any], source: str,
                      output_dir: Path) -> dict[str, Any]:
     """The best trial's resolved recipe (its ``recipe.yaml``; rebuilt from the base recipe and its overrides when
-    the trial ran on another machine), with ``output_dir: <output_dir>/best`` and no ``search`` section."""
+    the trial ran on another machine), with ``output_dir: <output_dir>/best`` and no ``sweep`` section."""
     trial_recipe = Path(best.user_attrs.get("output_dir", output_dir / TRIALS_DIR / str(best.number))) / "recipe.yaml"
     data: dict[str, Any] | None = None
     if trial_recipe.is_file():
@@ -509,7 +512,7 @@ def best_recipe_dict(best: FrozenTrial, base: Recipe, raw: dict[str, Any], sourc
             data = read_recipe_file(trial_recipe)
     if data is None:
         data = apply_params(raw, _trial_params(best))
-    data.pop("search", None)
+    data.pop("sweep", None)
     data["output_dir"] = str(output_dir / "best")
     if isinstance(data.get("tracking"), dict):
         if base.tracking.run_name is None:
@@ -548,7 +551,7 @@ def save_plots(study: optuna.Study, output_dir: Path, console: Console) -> list[
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
 
-    wanted = [(HISTORY_PNG, ovm.plot_optimization_history)]
+    wanted: list[tuple[str, Callable[[optuna.Study], Any]]] = [(HISTORY_PNG, ovm.plot_optimization_history)]
     names = {name for t in complete for name in t.params}
     if len(complete) >= 2 and len(names) > 1:
         wanted.append((IMPORTANCE_PNG, ovm.plot_param_importances))
@@ -556,8 +559,7 @@ def save_plots(study: optuna.Study, output_dir: Path, console: Console) -> list[
     for filename, plot in wanted:
         try:
             with _optuna_quiet():
-                ax = plot(study)
-            figure = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+                figure = _root_figure(plot(study))
             figure.set_size_inches(8, 5)
             figure.tight_layout()
             path = output_dir / filename
@@ -569,6 +571,15 @@ def save_plots(study: optuna.Study, output_dir: Path, console: Console) -> list[
         except Exception as error:  # plots are a convenience: never fail the sweep over one
             console.print(f"note: {filename} not drawn ({escape(_one_line(error))})", highlight=False)
     return saved
+
+
+def _root_figure(plotted: Any) -> Figure:
+    """The figure an Optuna matplotlib plot drew on (the plot returns an Axes, or an array of them)."""
+    from matplotlib.figure import Figure
+
+    axes = plotted if hasattr(plotted, "figure") else plotted.flat[0]
+    figure = axes.figure
+    return figure if isinstance(figure, Figure) else figure.figure  # a SubFigure's .figure is its root Figure
 
 
 def _log_parent(parent: Any, result: SweepResult) -> None:
