@@ -37,8 +37,8 @@ from ctrlab.blocks import BLOCKS
 from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.layout import FIRST_VALUE_ID, OOV_ID, PADDING_ID, FeatureLayout, FieldSpec
 from ctrlab.embeddings import EMBEDDINGS
-from ctrlab.gates import GATES
 from ctrlab.errors import RecipeError
+from ctrlab.gates import GATES
 from ctrlab.models import build_model
 from ctrlab.models.ctr_model import CTRModel
 from ctrlab.utils.checkpoint import load_weights, save_weights

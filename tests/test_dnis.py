@@ -24,8 +24,8 @@ from ctrlab.embeddings.mixed_dim import EmbeddingArchitecture, EmbeddingUnits
 from ctrlab.errors import RecipeError
 from ctrlab.models import build_model
 from ctrlab.search.dnis import (
-    bilevel_hooks,
     architecture_from_significance,
+    bilevel_hooks,
     prune_by_budget,
     prune_by_threshold,
     rank_dimensions,
@@ -33,8 +33,8 @@ from ctrlab.search.dnis import (
 from ctrlab.search.tables import TableArchitecture, TableOutcome, apply_outcome
 from ctrlab.train.hooks import ValidationStep
 from ctrlab.train.optim import build_optimizers
-from ctrlab.train.trainer import Trainer
 from ctrlab.train.run import seed_everything, train_recipe
+from ctrlab.train.trainer import Trainer
 from embedding_search_recipe import (
     LAYOUT,
     embedding_floats,

@@ -45,7 +45,7 @@ def _kinds(data: SyntheticData) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def rankings(planted: SyntheticData) -> dict[str, FeatureRanking]:
-    return {h: rank_features(planted.frame, "label", _kinds(planted), RankingOptions(heuristic=h))  # type: ignore
+    return {h: rank_features(planted.frame, "label", _kinds(planted), RankingOptions(heuristic=h))
             for h in ("mi", "normalized_mi", "3mr")}
 
 

@@ -7,11 +7,12 @@ embedding layer or gate (one new file that registers itself) needs no change her
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
+from typing import TYPE_CHECKING, Annotated, Any, Union, cast
 
 from pydantic import Field, model_validator
 
 from ctrlab.blocks import BLOCKS
+from ctrlab.blocks.base import BlockConfigBase
 from ctrlab.config.base import MAX_SEED, Int, Section
 from ctrlab.config.dataset import DatasetConfig
 from ctrlab.config.features import FeaturesConfig
@@ -19,6 +20,7 @@ from ctrlab.config.sweep import SweepConfig
 from ctrlab.config.tracking import TrackingConfig
 from ctrlab.config.train import TrainConfig
 from ctrlab.embeddings import EMBEDDINGS
+from ctrlab.embeddings.base import EmbeddingConfigBase
 from ctrlab.gates import GATES
 from ctrlab.registry import Registry
 
@@ -27,12 +29,26 @@ def _union(registry: Registry[Any]) -> Any:
     configs = registry.configs()
     if len(configs) == 1:
         return configs[0]
-    return Annotated[Union[configs], Field(discriminator=registry.discriminator)]  # type: ignore[valid-type]
+    return Annotated[Union[configs], Field(discriminator=registry.discriminator)]
 
 
-EmbeddingConfig = _union(EMBEDDINGS)
-ModelConfig = _union(BLOCKS)
-GateConfig = _union(GATES)
+if TYPE_CHECKING:  # pragma: no cover - what a type checker sees of the unions: the fields every member has
+    class EmbeddingConfig(EmbeddingConfigBase):
+        kind: str
+
+    class ModelConfig(BlockConfigBase):
+        block: str
+
+    class GateConfig(Section):
+        kind: str
+else:
+    EmbeddingConfig = _union(EMBEDDINGS)
+    ModelConfig = _union(BLOCKS)
+    GateConfig = _union(GATES)
+
+
+def _per_field() -> EmbeddingConfig:
+    return cast("EmbeddingConfig", EMBEDDINGS.get("per_field").config())
 
 
 class Recipe(Section):
@@ -45,9 +61,9 @@ class Recipe(Section):
     output_dir: str = "runs/${name}"
     dataset: DatasetConfig
     features: FeaturesConfig = FeaturesConfig()
-    embedding: EmbeddingConfig = Field(default_factory=lambda: EMBEDDINGS.get("per_field").config())  # type: ignore[valid-type]
-    model: ModelConfig  # type: ignore[valid-type]
-    gate: GateConfig | None = Field(None, description="a feature gate between embedding and block; kind optfs "  # type: ignore[valid-type]
+    embedding: EmbeddingConfig = Field(default_factory=lambda: _per_field())
+    model: ModelConfig
+    gate: GateConfig | None = Field(None, description="a feature gate between embedding and block; kind optfs "
                                     "searches the feature set (stages run before the final training)")
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()

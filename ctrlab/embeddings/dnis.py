@@ -57,7 +57,7 @@ class DNISConfig(SearchableEmbeddingConfig):
     STAGES: ClassVar[tuple[str, ...]] = ("search", "retrain")
 
     kind: Literal["dnis"] = "dnis"
-    stages: list[DNISStage] = Field(default_factory=lambda: ["search", "retrain"],
+    stages: list[DNISStage] = Field(default_factory=lambda: list(DNISConfig.STAGES),  # type: ignore[arg-type]
                                     description="stages this run does, in order: search, retrain")
     search_epochs: Int = Field(10, ge=1, le=MAX_EPOCHS, description="epochs of the bi-level search (early stopping and "
                                                      "lr_on_plateau as in train)")
@@ -172,6 +172,8 @@ class DNISSearchEmbedding(FullTableSearchEmbedding):
     validation batches only (Section 3.3, the first-order approximation of the bi-level problem). During the
     weights' step it is excluded from autograd (``requires_grad`` off), so training batches give it no gradient.
     """
+
+    row_block: torch.Tensor
 
     def __init__(self, config: DNISConfig, layout: FeatureLayout, dim: int | None = None,
                  blocks: FrequencyBlocks | None = None) -> None:

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctrlab.data.batches import FeatureBatch
-from ctrlab.data.layout import FeatureLayout
 from ctrlab.data.kept_values import KeptValues
+from ctrlab.data.layout import FeatureLayout
 from ctrlab.embeddings.base import EmbeddingConfigBase, EmbeddingOutput, FeatureEmbedding, concatenated_row_ids
 
 WEIGHT_PREFIX = "weight_"

@@ -41,7 +41,7 @@ class OptEmbedConfig(SearchableEmbeddingConfig):
     STAGES: ClassVar[tuple[str, ...]] = ("supernet", "search", "retrain")
 
     kind: Literal["optembed"] = "optembed"
-    stages: list[OptEmbedStage] = Field(default_factory=lambda: ["supernet", "search", "retrain"],
+    stages: list[OptEmbedStage] = Field(default_factory=lambda: list(OptEmbedConfig.STAGES),  # type: ignore[arg-type]
                                         description="stages this run does, in order: supernet, search, retrain")
     supernet_epochs: Int = Field(10, ge=1, le=MAX_EPOCHS, description="supernet training epochs (early stopping and "
                                                        "lr_on_plateau as in train)")
@@ -89,6 +89,9 @@ class OptEmbedSupernet(FullTableSearchEmbedding):
     candidate's dimensions set with :meth:`use_dims` (the evolutionary search). Numeric fields' vectors are never
     row-pruned but take part in the dimension search.
     """
+
+    dim_range: torch.Tensor
+    candidate_dims: torch.Tensor | None
 
     def __init__(self, config: OptEmbedConfig, layout: FeatureLayout, dim: int | None = None) -> None:
         super().__init__(config, layout, dim)

@@ -52,12 +52,12 @@ class BinaryStep(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x)
         return (x > 0).to(x.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
         a = x.abs()
         surrogate = torch.where(a <= 0.4, 2 - 4 * a, torch.where(a <= 1, torch.full_like(a, 0.4), torch.zeros_like(a)))
@@ -66,7 +66,7 @@ class BinaryStep(torch.autograd.Function):
 
 def binary_step(x: torch.Tensor) -> torch.Tensor:
     """:class:`BinaryStep` applied to ``x``."""
-    return BinaryStep.apply(x)  # type: ignore[no-any-return]
+    return BinaryStep.apply(x)
 
 
 class FullTableSearchEmbedding(FeatureEmbedding):
@@ -78,6 +78,10 @@ class FullTableSearchEmbedding(FeatureEmbedding):
     :meth:`architecture_parameters` (thresholds, significance weights) are left out of the trainer's optimisers;
     the search stages optimise them with their own.
     """
+
+    flat_units: torch.Tensor
+    flat_offsets: torch.Tensor
+    unit_starts: torch.Tensor
 
     def __init__(self, config: EmbeddingConfigBase, layout: FeatureLayout, dim: int | None = None) -> None:
         super().__init__()

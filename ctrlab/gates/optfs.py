@@ -44,7 +44,7 @@ class OptFSConfig(Section):
     STAGES: ClassVar[tuple[str, ...]] = ("search", "retrain")
 
     kind: Literal["optfs"] = "optfs"
-    stages: list[OptFSStage] = Field(default_factory=lambda: ["search", "retrain"])
+    stages: list[OptFSStage] = Field(default_factory=lambda: list(OptFSConfig.STAGES))  # type: ignore[arg-type]
     from_run: str | None = Field(None, description="an earlier run directory whose feature_search/ outputs "
                                                    "stage retrain starts from")
     search_epochs: Int = Field(10, ge=1, le=MAX_EPOCHS, description="epochs of the search (the schedule's length)")
@@ -85,6 +85,10 @@ class OptFSGate(FeatureGate):
 
     The logits are laid out unit by unit as :class:`~ctrlab.embeddings.mixed_dim.EmbeddingUnits` lays out a full
     table (tables, then numeric fields), so a row index is the same here as in a full-table embedding."""
+
+    searched: torch.Tensor
+    flat_offsets: torch.Tensor
+    unit_starts: torch.Tensor
 
     def __init__(self, config: OptFSConfig, layout: FeatureLayout) -> None:
         super().__init__()

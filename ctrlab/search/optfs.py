@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.kept_values import KeptValues
 from ctrlab.data.layout import FIRST_VALUE_ID, FeatureLayout
+from ctrlab.embeddings.base import FeatureEmbedding
 from ctrlab.embeddings.mixed_dim import EmbeddingUnits
 from ctrlab.errors import DataError
 from ctrlab.gates.optfs import OptFSConfig, OptFSGate
@@ -257,7 +258,8 @@ class OptFSOutcome(SearchOutcome):
                     target[key].copy_(value)
             tables: dict[str, str] = {}
             for part in ("embedding", "linear"):
-                module, origin = getattr(model, part), getattr(source, part)
+                module: FeatureEmbedding | None = getattr(model, part)
+                origin: FeatureEmbedding | None = getattr(source, part)
                 if module is not None and origin is not None:
                     copied = module.load_kept_rows(origin, self.kept)
                     tables[part] = "rewound rows" if copied else "initial values"

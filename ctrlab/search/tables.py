@@ -37,6 +37,7 @@ from ctrlab.blocks import BLOCKS
 from ctrlab.config.schema import Recipe
 from ctrlab.data.batches import BatchIterator, FeatureBatch
 from ctrlab.embeddings.mixed_dim import EmbeddingArchitecture, EmbeddingUnits, MixedDimEmbedding
+from ctrlab.embeddings.searchable import FullTableSearchEmbedding
 from ctrlab.errors import DataError, RecipeError
 from ctrlab.models.ctr_model import CTRModel
 from ctrlab.search.framework import SearchContext, SearchOutcome
@@ -206,7 +207,9 @@ def apply_outcome(model: CTRModel, outcome: TableOutcome) -> None:
         missing = [k for k in missing if not k.startswith("embedding.")]
         if missing or unexpected:  # pragma: no cover - the same recipe builds both
             raise RuntimeError(f"searched network does not fit the model: missing {missing}, unexpected {unexpected}")
-        embedding.reset_dense_(network.embedding.effective_table())  # type: ignore[attr-defined]
+        searched = network.embedding
+        assert isinstance(searched, FullTableSearchEmbedding)
+        embedding.reset_dense_(searched.effective_table())
         embedding.prune(outcome.network_architecture or outcome.architecture)
 
 

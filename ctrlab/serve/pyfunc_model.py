@@ -21,7 +21,7 @@ except ImportError:  # pragma: no cover
 ARTIFACT_KEYS = ("recipe", "processor", "weights")
 
 
-class CtrlabPyfuncModel(PythonModel):  # type: ignore[misc,valid-type]
+class CtrlabPyfuncModel(PythonModel):
     """Scores raw rows with a trained ctrlab model. Unseen categories map to out-of-vocabulary; a missing column,
     a non-numeric value in a numeric column or an empty batch is an input error (HTTP 400 when served)."""
 
@@ -34,7 +34,7 @@ class CtrlabPyfuncModel(PythonModel):  # type: ignore[misc,valid-type]
 
     # No type hints on predict: MLflow would try to derive a schema from them; the signature logged with the model
     # is the schema.
-    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+    def predict(self, context, model_input, params=None):
         from ctrlab.errors import CtrlabError
 
         try:

@@ -95,7 +95,8 @@ def decode_json(body: bytes) -> Any:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise HttpError(400, "BAD_REQUEST", f"the body is not UTF-8 text (invalid byte at offset {exc.start})") from None
+        raise HttpError(400, "BAD_REQUEST",
+                        f"the body is not UTF-8 text (invalid byte at offset {exc.start})") from None
     try:
         return json.loads(text, parse_constant=NonStandardNumber)
     except json.JSONDecodeError as exc:
@@ -314,7 +315,8 @@ def frame_from_csv(body: bytes, columns: InputColumns) -> pl.DataFrame:
         raise
     except (pl.exceptions.PolarsError, pl.exceptions.PanicException, ValueError, OSError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HttpError(400, "BAD_REQUEST", f"the body is not a CSV table with a header line ({excerpt(reason, 100)})") \
+        raise HttpError(400, "BAD_REQUEST",
+                        f"the body is not a CSV table with a header line ({excerpt(reason, 100)})") \
             from None
     if frame.height == 0:
         raise DataError("request has no rows")
@@ -344,7 +346,7 @@ def _content_type(scope: Scope) -> str:
 def _header(scope: Scope, name: bytes) -> bytes | None:
     for key, value in scope["headers"]:
         if key == name:
-            return value  # type: ignore[no-any-return]
+            return value
     return None
 
 
@@ -551,7 +553,7 @@ def run(predictor: Any, model_dir: Any, host: str, port: int, workers: int = 1,
 
     from uvicorn.supervisors import Multiprocess
 
-    class Supervisor(Multiprocess):  # type: ignore[misc]
+    class Supervisor(Multiprocess):
         """uvicorn's worker supervisor, remembering which signal stopped it."""
 
         stopped_by: int | None = None

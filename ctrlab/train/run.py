@@ -28,7 +28,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -38,8 +38,8 @@ from rich.console import Console
 
 from ctrlab.config.loader import flatten, recipe_to_dict
 from ctrlab.config.schema import Recipe
-from ctrlab.data.batches import FeatureBatch
 from ctrlab.config.train import TrainConfig
+from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.pipeline import TRUE_PROBABILITY_COLUMN, PreparedData, prepare_data
 from ctrlab.errors import DataError, RecipeError, TrainingDiverged
 from ctrlab.models import CTRModel, build_model
