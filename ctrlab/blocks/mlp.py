@@ -1,4 +1,6 @@
-"""Plain deep network over the concatenated field embeddings."""
+"""Plain deep network over the concatenated field embeddings (the embedding-and-MLP model of Covington et al.
+2016, "Deep Neural Networks for YouTube Recommendations", and the DNN row of the BARS benchmark, Zhu et al.
+2022)."""
 
 from __future__ import annotations
 

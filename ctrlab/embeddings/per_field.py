@@ -1,4 +1,5 @@
-"""Per-field embedding tables, stored as one concatenated table with field offsets (the fast path)."""
+"""Per-field embedding tables, stored as one concatenated table with field offsets (the fast path): the field-wise
+embedding layer of DeepFM (Guo et al. 2017) and AutoInt (Song et al. 2019)."""
 
 from __future__ import annotations
 
