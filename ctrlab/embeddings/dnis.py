@@ -26,6 +26,9 @@ DNISStage = Literal["search", "retrain"]
 DEFAULT_BUDGET = 0.5
 
 
+def _every_stage() -> list[DNISStage]:
+    return ["search", "retrain"]
+
 class DNISConfig(SearchableEmbeddingConfig):
     """DNIS (Cheng et al. 2020): ``search`` trains the model with a soft selection layer ``ẽ = e ⊙ α_f`` whose
     significance weights ``α`` follow the validation loss (first-order bi-level optimisation, alternating a
@@ -57,7 +60,7 @@ class DNISConfig(SearchableEmbeddingConfig):
     STAGES: ClassVar[tuple[str, ...]] = ("search", "retrain")
 
     kind: Literal["dnis"] = "dnis"
-    stages: list[DNISStage] = Field(default_factory=lambda: list(DNISConfig.STAGES),  # type: ignore[arg-type]
+    stages: list[DNISStage] = Field(default_factory=_every_stage,
                                     description="stages this run does, in order: search, retrain")
     search_epochs: Int = Field(10, ge=1, le=MAX_EPOCHS, description="epochs of the bi-level search (early stopping and "
                                                      "lr_on_plateau as in train)")

@@ -26,6 +26,9 @@ from ctrlab.embeddings.searchable import FullTableSearchEmbedding, SearchableEmb
 OptEmbedStage = Literal["supernet", "search", "retrain"]
 
 
+def _every_stage() -> list[OptEmbedStage]:
+    return ["supernet", "search", "retrain"]
+
 class OptEmbedConfig(SearchableEmbeddingConfig):
     """OptEmbed (Lyu et al. 2022): ``supernet`` trains the full table with learnable row-pruning thresholds
     (Section 3.2, redundant embedding pruning) while every (example, field) sees a random number of leading
@@ -41,7 +44,7 @@ class OptEmbedConfig(SearchableEmbeddingConfig):
     STAGES: ClassVar[tuple[str, ...]] = ("supernet", "search", "retrain")
 
     kind: Literal["optembed"] = "optembed"
-    stages: list[OptEmbedStage] = Field(default_factory=lambda: list(OptEmbedConfig.STAGES),  # type: ignore[arg-type]
+    stages: list[OptEmbedStage] = Field(default_factory=_every_stage,
                                         description="stages this run does, in order: supernet, search, retrain")
     supernet_epochs: Int = Field(10, ge=1, le=MAX_EPOCHS, description="supernet training epochs (early stopping and "
                                                        "lr_on_plateau as in train)")

@@ -29,6 +29,9 @@ from ctrlab.gates.base import FeatureGate
 OptFSStage = Literal["search", "retrain"]
 
 
+def _every_stage() -> list[OptFSStage]:
+    return ["search", "retrain"]
+
 class OptFSConfig(Section):
     """OptFS (Lyu et al. 2023). ``search`` trains the recipe's model with a gate on every feature value for
     ``search_epochs`` epochs while the temperature rises geometrically from 1 to ``final_temperature`` (Section
@@ -44,7 +47,7 @@ class OptFSConfig(Section):
     STAGES: ClassVar[tuple[str, ...]] = ("search", "retrain")
 
     kind: Literal["optfs"] = "optfs"
-    stages: list[OptFSStage] = Field(default_factory=lambda: list(OptFSConfig.STAGES))  # type: ignore[arg-type]
+    stages: list[OptFSStage] = Field(default_factory=_every_stage)
     from_run: str | None = Field(None, description="an earlier run directory whose feature_search/ outputs "
                                                    "stage retrain starts from")
     search_epochs: Int = Field(10, ge=1, le=MAX_EPOCHS, description="epochs of the search (the schedule's length)")
