@@ -29,6 +29,7 @@ DEFAULT_BUDGET = 0.5
 def _every_stage() -> list[DNISStage]:
     return ["search", "retrain"]
 
+
 class DNISConfig(SearchableEmbeddingConfig):
     """DNIS (Cheng et al. 2020): ``search`` trains the model with a soft selection layer ``ẽ = e ⊙ α_f`` whose
     significance weights ``α`` follow the validation loss (first-order bi-level optimisation, alternating a

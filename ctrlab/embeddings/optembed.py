@@ -29,6 +29,7 @@ OptEmbedStage = Literal["supernet", "search", "retrain"]
 def _every_stage() -> list[OptEmbedStage]:
     return ["supernet", "search", "retrain"]
 
+
 class OptEmbedConfig(SearchableEmbeddingConfig):
     """OptEmbed (Lyu et al. 2022): ``supernet`` trains the full table with learnable row-pruning thresholds
     (Section 3.2, redundant embedding pruning) while every (example, field) sees a random number of leading

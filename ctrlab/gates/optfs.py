@@ -32,6 +32,7 @@ OptFSStage = Literal["search", "retrain"]
 def _every_stage() -> list[OptFSStage]:
     return ["search", "retrain"]
 
+
 class OptFSConfig(Section):
     """OptFS (Lyu et al. 2023). ``search`` trains the recipe's model with a gate on every feature value for
     ``search_epochs`` epochs while the temperature rises geometrically from 1 to ``final_temperature`` (Section
