@@ -53,7 +53,14 @@ class KeptValues:
         return self._maps[table]
 
     def restrict_layout(self, layout: FeatureLayout) -> FeatureLayout:
-        """``layout`` with every restricted table's vocabulary size reduced to its kept rows."""
+        """``layout`` with every restricted table's vocabulary size reduced to its kept rows. A kept set naming a
+        table or numeric field ``layout`` lacks, or whose mask does not cover a table, is a ``ValueError``."""
+        unknown = sorted(set(self.tables) - set(layout.tables()))
+        unknown += sorted(set(self.numeric) - {spec.name for spec in layout.numeric})
+        if unknown:
+            raise ValueError(f"kept values name {', '.join(map(repr, unknown))}, which the features do not have "
+                             f"(tables {', '.join(layout.tables())}; numeric fields "
+                             f"{', '.join(s.name for s in layout.numeric) or 'none'})")
         fields = []
         for spec in layout.fields:
             if spec.kind != "numeric" and spec.table in self.tables:

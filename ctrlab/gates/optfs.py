@@ -10,7 +10,6 @@ table stores kept rows only.
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar, Literal
 
 import torch
@@ -110,8 +109,9 @@ class OptFSGate(FeatureGate):
 
     def gates(self) -> torch.Tensor:
         """``[Σ rows]``: every value's gate at the current temperature (1 where not searched)."""
-        scale = 1.0 / (1.0 / (1.0 + math.exp(-self.gate_init)))
-        soft = torch.sigmoid(self.temperature * self.logits) * scale
+        # Divided in the logits' precision, so that every gate is exactly 1 at the start whatever m0 is.
+        start = torch.sigmoid(torch.tensor(self.gate_init, dtype=self.logits.dtype, device=self.logits.device))
+        soft = torch.sigmoid(self.temperature * self.logits) / start
         return torch.where(self.searched, soft, torch.ones_like(soft))
 
     def penalty(self) -> torch.Tensor:

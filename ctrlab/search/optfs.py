@@ -246,11 +246,19 @@ class OptFSOutcome(SearchOutcome):
         """Rewind: the search's weights after ``rewind_epoch`` epochs, kept rows only (see the module docstring)."""
         assert self.build_source is not None
         source = self.build_source()
-        missing, unexpected = source.load_state_dict(self.rewind, strict=False)
+        advice = ("a [retrain] from gate.from_run must keep the search run's features, embedding and model shapes; "
+                  "change only train settings, or search again")
+        try:
+            missing, unexpected = source.load_state_dict(self.rewind, strict=False)
+        except RuntimeError as error:  # shapes differ
+            shapes = " ".join(str(error).split())
+            shapes = shapes[shapes.find("size mismatch"):][:160] if "size mismatch" in shapes else shapes[:160]
+            raise DataError(f"{REWIND_FILE}: the rewound weights do not fit this recipe's model ({shapes}); "
+                            f"{advice}") from None
         missing = [k for k in missing if not k.startswith("gate.")]
         if missing or unexpected:
             raise DataError(f"{REWIND_FILE}: the rewound weights do not fit this recipe's model (missing {missing}, "
-                            f"unexpected {unexpected})")
+                            f"unexpected {unexpected}); {advice}")
         target = model.state_dict()
         with torch.no_grad():
             for key, value in source.state_dict().items():
