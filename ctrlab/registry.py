@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel
 
 T = TypeVar("T")
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -23,32 +24,20 @@ class Entry(Generic[T]):
     impl: T
 
 
-class Registry(Generic[T]):
-    """Holds named implementations together with their pydantic config classes.
+class PackageRegistry(Generic[V]):
+    """Named values that the modules of one package register when imported: every module of ``package`` is
+    imported on first use, so a new method is one new file. ``what`` names an entry in messages."""
 
-    ``discriminator`` is the config field whose ``Literal`` value names the entry (``block`` for blocks,
-    ``kind`` for embedding layers).
-    """
-
-    def __init__(self, what: str, discriminator: str, package: str) -> None:
+    def __init__(self, what: str, package: str) -> None:
         self.what = what
-        self.discriminator = discriminator
         self.package = package
-        self._entries: dict[str, Entry[T]] = {}
+        self._entries: dict[str, V] = {}
         self._loaded = False
 
-    def register(self, name: str, config: type[BaseModel]):
-        field = config.model_fields.get(self.discriminator)
-        if field is None:
-            raise TypeError(f"{config.__name__} needs a '{self.discriminator}' field")
-
-        def decorator(impl: T) -> T:
-            if name in self._entries:
-                raise ValueError(f"{self.what} {name!r} is registered twice")
-            self._entries[name] = Entry(name, config, impl)
-            return impl
-
-        return decorator
+    def _add(self, name: str, value: V) -> None:
+        if name in self._entries:
+            raise ValueError(f"{self.what} {name!r} is registered twice")
+        self._entries[name] = value
 
     def _load(self) -> None:
         # Importing every module of the package is what registers them: one file per method.
@@ -64,12 +53,35 @@ class Registry(Generic[T]):
         self._load()
         return sorted(self._entries)
 
-    def get(self, name: str) -> Entry[T]:
+    def get(self, name: str) -> V:
         self._load()
         try:
             return self._entries[name]
         except KeyError:
             raise KeyError(f"unknown {self.what} {name!r}; known: {', '.join(self.names())}") from None
+
+
+class Registry(PackageRegistry[Entry[T]]):
+    """Holds named implementations together with their pydantic config classes.
+
+    ``discriminator`` is the config field whose ``Literal`` value names the entry (``block`` for blocks,
+    ``kind`` for embedding layers).
+    """
+
+    def __init__(self, what: str, discriminator: str, package: str) -> None:
+        super().__init__(what, package)
+        self.discriminator = discriminator
+
+    def register(self, name: str, config: type[BaseModel]):
+        field = config.model_fields.get(self.discriminator)
+        if field is None:
+            raise TypeError(f"{config.__name__} needs a '{self.discriminator}' field")
+
+        def decorator(impl: T) -> T:
+            self._add(name, Entry(name, config, impl))
+            return impl
+
+        return decorator
 
     def configs(self) -> tuple[type[BaseModel], ...]:
         self._load()

@@ -89,21 +89,16 @@ class KeptValues:
         return EncodedSplit(categorical, numeric, sequences, split.label, split.group)
 
     def apply_to_batch(self, batch: FeatureBatch, layout: FeatureLayout) -> FeatureBatch:
-        """:meth:`apply` for a split already held as tensors (same device and dtypes out as in)."""
-        maps = {name: torch.from_numpy(self.id_map(name)).to(batch.categorical.device) for name in self.tables}
-        categorical = batch.categorical.clone()
-        for i, spec in enumerate(layout.categorical):
-            if spec.table in maps:
-                categorical[:, i] = maps[spec.table][categorical[:, i].long()].to(categorical.dtype)
-        numeric = batch.numeric.clone()
-        for i, spec in enumerate(layout.numeric):
-            if not self.numeric.get(spec.name, True):
-                numeric[:, i] = 0.0
-        sequences = {}
-        for spec in layout.sequence:
-            ids = batch.sequences[spec.name]
-            sequences[spec.name] = maps[spec.table][ids.long()].to(ids.dtype) if spec.table in maps else ids
-        return FeatureBatch(categorical, numeric, sequences, batch.label, batch.group)
+        """:meth:`apply` for a split already held as tensors (same devices and dtypes out as in)."""
+        encoded = self.apply(EncodedSplit(batch.categorical.cpu().numpy(), batch.numeric.cpu().numpy(),
+                                          {k: v.cpu().numpy() for k, v in batch.sequences.items()}), layout)
+
+        def back(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(array).to(device=like.device, dtype=like.dtype)
+
+        return FeatureBatch(back(encoded.categorical, batch.categorical), back(encoded.numeric, batch.numeric),
+                            {k: back(encoded.sequences[k], v) for k, v in batch.sequences.items()},
+                            batch.label, batch.group)
 
     # ----------------------------------------------------------------------------------------- persistence
     def to_dict(self) -> dict[str, Any]:

@@ -107,12 +107,15 @@ class OptFSGate(FeatureGate):
         self.register_buffer("searched", searched, persistent=False)
         self.units.register_offsets(self)
 
-    def gates(self) -> torch.Tensor:
-        """``[Σ rows]``: every value's gate at the current temperature (1 where not searched)."""
+    def gates(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The gates at the current temperature (1 where not searched): of every value (``[Σ rows]``), or of the
+        values ``rows`` index (any shape; a forward pass computes only the gates its batch looks up)."""
+        logits = self.logits if rows is None else self.logits[rows]
+        searched = self.searched if rows is None else self.searched[rows]
         # Divided in the logits' precision, so that every gate is exactly 1 at the start whatever m0 is.
-        start = torch.sigmoid(torch.tensor(self.gate_init, dtype=self.logits.dtype, device=self.logits.device))
-        soft = torch.sigmoid(self.temperature * self.logits) / start
-        return torch.where(self.searched, soft, torch.ones_like(soft))
+        start = torch.sigmoid(torch.tensor(self.gate_init, dtype=logits.dtype, device=logits.device))
+        soft = torch.sigmoid(self.temperature * logits) / start
+        return torch.where(searched, soft, torch.ones_like(soft))
 
     def penalty(self) -> torch.Tensor:
         """``Σ_z g_z`` over the searched values (the L1 norm of eq. 10; gates are positive)."""
@@ -123,17 +126,17 @@ class OptFSGate(FeatureGate):
         return (self.logits.detach() > 0) | ~self.searched
 
     def forward(self, output: EmbeddingOutput, batch: FeatureBatch) -> EmbeddingOutput:
-        gates = self.gates().to(output.fields.dtype)
+        dtype = output.fields.dtype
         flat = len(self.layout.categorical) + len(self.layout.numeric)
         parts = []
         if flat:
             rows = flat_row_ids(self.layout, batch, self.flat_offsets)
-            parts.append(output.fields[:, :flat] * gates[rows].unsqueeze(-1))
+            parts.append(output.fields[:, :flat] * self.gates(rows).to(dtype).unsqueeze(-1))
         sequences = {}
         for spec, unit in zip(self.layout.sequence, self.units.sequence_units):
             vectors, mask = output.sequences[spec.name]
             rows = batch.sequences[spec.name] + self.unit_starts[unit]
-            sequences[spec.name] = (vectors * gates[rows].unsqueeze(-1), mask)
+            sequences[spec.name] = (vectors * self.gates(rows).to(dtype).unsqueeze(-1), mask)
         return EmbeddingOutput.assemble(self.layout, parts, sequences)
 
     def architecture_parameters(self) -> list[nn.Parameter]:

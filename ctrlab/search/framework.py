@@ -21,8 +21,6 @@ their imports themselves.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 import random
 import shutil
 from abc import ABC, abstractmethod
@@ -42,6 +40,7 @@ from ctrlab.data.layout import FeatureLayout
 from ctrlab.data.processor import FeatureProcessor
 from ctrlab.errors import DataError, RecipeError
 from ctrlab.models.ctr_model import CTRModel, build_model
+from ctrlab.registry import PackageRegistry
 from ctrlab.run_dir import seed_everything
 from ctrlab.utils.checkpoint import load_weights
 from ctrlab.utils.io import atomic_path
@@ -185,43 +184,16 @@ class SearchMethod(ABC):
         """Run the listed stages (stages left out at the front are read from ``from_run``)."""
 
 
-class MethodRegistry:
-    """Search methods by name. Every module of :mod:`ctrlab.search` is imported on first use (a module registers
+class MethodRegistry(PackageRegistry[type[SearchMethod]]):
+    """Search methods by name: every module of :mod:`ctrlab.search` is imported on first use (a module registers
     its method with :func:`register`), so a new method is one new file."""
 
-    def __init__(self, package: str) -> None:
-        self.package = package
-        self._methods: dict[str, type[SearchMethod]] = {}
-        self._loaded = False
-
     def register(self, method: type[SearchMethod]) -> type[SearchMethod]:
-        if method.name in self._methods:
-            raise ValueError(f"search method {method.name!r} is registered twice")
-        self._methods[method.name] = method
+        self._add(method.name, method)
         return method
 
-    def _load(self) -> None:
-        if self._loaded:
-            return
-        self._loaded = True
-        package = importlib.import_module(self.package)
-        for info in pkgutil.iter_modules(package.__path__):
-            if not info.name.startswith("_"):
-                importlib.import_module(f"{self.package}.{info.name}")
 
-    def names(self) -> list[str]:
-        self._load()
-        return sorted(self._methods)
-
-    def get(self, name: str) -> type[SearchMethod]:
-        self._load()
-        try:
-            return self._methods[name]
-        except KeyError:
-            raise KeyError(f"unknown search method {name!r}; known: {', '.join(self.names())}") from None
-
-
-SEARCH_METHODS = MethodRegistry("ctrlab.search")
+SEARCH_METHODS = MethodRegistry("search method", "ctrlab.search")
 
 
 def register(method: type[SearchMethod]) -> type[SearchMethod]:
