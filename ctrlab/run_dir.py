@@ -18,10 +18,12 @@ METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "test_predictions.parquet"
 LEARNING_CURVE_FILE = "learning_curve.png"
 ATTENTION_FILE = "attention.png"
-#: Stage outputs of the embedding-table searches (OptEmbed, DNIS) and of the feature-set search (OptFS).
+#: Stage outputs of the embedding-table searches (OptEmbed, DNIS), the feature-set search (OptFS) and the
+#: interaction search (OptInter).
 EMBEDDING_SEARCH_DIR = "embedding_search"
 FEATURE_SEARCH_DIR = "feature_search"
-SEARCH_DIRS = (EMBEDDING_SEARCH_DIR, FEATURE_SEARCH_DIR)
+INTERACTION_SEARCH_DIR = "interaction_search"
+SEARCH_DIRS = (EMBEDDING_SEARCH_DIR, FEATURE_SEARCH_DIR, INTERACTION_SEARCH_DIR)
 #: Files logged to MLflow as artefacts when they exist (the search folders are logged whole).
 TRACKED_FILES = (RECIPE_FILE, PROCESSOR_FILE, METRICS_FILE, WEIGHTS_FILE, LEARNING_CURVE_FILE)
 #: What a training run writes into its folder (and so replaces on a rerun); ``ctrlab explain``'s picture belongs to

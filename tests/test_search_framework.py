@@ -19,6 +19,7 @@ from ctrlab.blocks import BLOCKS
 from ctrlab.config.train import TrainConfig
 from ctrlab.embeddings import EMBEDDINGS
 from ctrlab.gates import GATES
+from ctrlab.interactions import INTERACTIONS
 from ctrlab.models import build_model
 from ctrlab.search.framework import SEARCH_METHODS, is_searching
 from ctrlab.train.hooks import ParameterGroup, TrainingHooks
@@ -99,15 +100,15 @@ def test_an_architecture_parameter_without_a_group_is_refused() -> None:
 
 # --------------------------------------------------------------------------------------------- registry
 def test_every_searching_kind_has_a_registered_method_with_its_own_folder() -> None:
-    kinds = [(registry, name) for registry in (EMBEDDINGS, GATES) for name in registry.names()]
+    kinds = [(registry, name) for registry in (EMBEDDINGS, GATES, INTERACTIONS) for name in registry.names()]
     searching = [name for registry, name in kinds
                  if "stages" in registry.get(name).config.model_fields]
-    assert set(searching) == set(SEARCH_METHODS.names()) >= {"optembed", "dnis", "optfs"}
+    assert set(searching) == set(SEARCH_METHODS.names()) >= {"optembed", "dnis", "optfs", "optinter"}
     for name in searching:
         method = SEARCH_METHODS.get(name)
         assert method.name == name and method.directory and method.__doc__
     assert is_searching(GATES.get("optfs").config()) and not is_searching(EMBEDDINGS.get("per_field").config())
-    with pytest.raises(KeyError, match="unknown search method 'nope'; known: dnis, optembed, optfs"):
+    with pytest.raises(KeyError, match="unknown search method 'nope'; known: dnis, optembed, optfs, optinter"):
         SEARCH_METHODS.get("nope")
 
 

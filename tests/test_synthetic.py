@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -351,3 +354,186 @@ def test_history_items_share_the_candidate_cluster_more_when_clicked() -> None:
     frame = data.frame.with_columns(hit=pl.col("hist").str.contains(pl.col("item"), literal=True))
     rates = frame.group_by("label").agg(pl.col("hit").mean()).sort("label")["hit"].to_list()
     assert rates[1] > rates[0] + 0.02
+
+
+# ------------------------------------------------------------------------------------- memorise / factorise pairs
+# OptInter's pair kinds (Lyu et al., ICDE 2022): full-rank effects on small vocabularies, low-rank ones on large.
+
+
+def _digest(data: SyntheticData) -> str:
+    """sha256 of every column's values (nulls marked), the probabilities, the logit parts and the metadata."""
+    h = hashlib.sha256()
+    for name in data.frame.columns:
+        column = data.frame[name]
+        h.update(f"{name}:{column.dtype}:".encode())
+        h.update(column.is_null().to_numpy().tobytes())
+        if column.dtype == pl.String:
+            h.update("\x00".join(column.fill_null("").to_list()).encode())
+        else:
+            h.update(np.ascontiguousarray(column.fill_null(0).to_numpy()).tobytes())
+    h.update(np.ascontiguousarray(data.click_probability).tobytes())
+    for key, part in data.logit_parts.items():
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(part).tobytes())
+    meta = [data.informative, data.noise, sorted(data.redundant.items()), data.main_effects,
+            data.interactions, data.max_history, float(data.intercept).hex()]
+    h.update(json.dumps(meta).encode())
+    return h.hexdigest()
+
+
+_RECORDED = [
+    (dict(rows=3_000), 0, "e0d5c2daf9da27de517914fa336ca4dac5329a76c4638b88928ca56aaa83a60f"),
+    (dict(rows=2_000, sequence=True, redundant_fields=2, max_history=6), 7,
+     "7e3cbdeb299aa2ebedea8f8809e37717787f727f895e5fd08cc52f048d422268"),
+    (dict(rows=2_000, categorical_fields=5, cardinalities=[3, 50, 2_000, 7, 100_000], informative_fields=3,
+          interaction_pairs=2, interactions_among="main_effects", numeric_fields=0, numeric_informative=0,
+          time_column=False), 123,
+     "4d41f614611b8ae01fa2ee77f22fc97f1ae9ca038e5f8d129a93acb5da2d94bc"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "seed", "expected"), _RECORDED)
+def test_defaults_reproduce_the_recorded_tables(overrides: dict[str, Any], seed: int, expected: str) -> None:
+    """With no memorise/factorise pairs (the default) ``generate`` is bit-for-bit what it was before they existed.
+
+    The expected hashes were recorded from the generator BEFORE the memorise/factorise pairs were added (frame
+    columns, click probabilities, logit parts, roles, intercept), so existing seeds and streams are unchanged. They
+    assume the same numpy/polars floating-point results; rerecord only after checking a library upgrade is the cause.
+    """
+    data = generate(SyntheticConfig(**overrides), seed)
+    assert _digest(data) == expected
+    assert "memorize" not in data.logit_parts and "factorize" not in data.logit_parts
+    assert data.pair_kinds == {pair: "group" for pair in data.interactions}
+
+
+# Default 12 fields: C1..C4 have <= 100 values (6 pairs), C7..C12 >= 1000 (15 pairs).
+KINDS = SyntheticConfig(rows=40_000, memorize_pairs=2, factorize_pairs=3, numeric_fields=0, numeric_informative=0)
+
+
+@pytest.fixture(scope="module")
+def kinds() -> SyntheticData:
+    return generate(KINDS, seed=1)
+
+
+def test_pair_kinds_are_planted_on_the_right_fields(kinds: SyntheticData) -> None:
+    cards = dict(zip([f"C{j}" for j in range(1, 13)], KINDS.resolved_cardinalities()))
+    counts = {kind: list(kinds.pair_kinds.values()).count(kind) for kind in ("group", "memorize", "factorize")}
+    assert counts == {"group": KINDS.interaction_pairs, "memorize": 2, "factorize": 3}
+    assert [p for p, k in kinds.pair_kinds.items() if k == "group"] == kinds.interactions
+    pairs = list(kinds.pair_kinds)
+    assert len({frozenset(p) for p in pairs}) == len(pairs)  # no pair planted twice, in either order
+    for (a, b), kind in kinds.pair_kinds.items():
+        assert int(a[1:]) < int(b[1:])  # column order
+        if kind == "memorize":
+            assert cards[a] <= KINDS.memorize_max_cardinality and cards[b] <= KINDS.memorize_max_cardinality
+        elif kind == "factorize":
+            assert cards[a] >= KINDS.factorize_min_cardinality and cards[b] >= KINDS.factorize_min_cardinality
+    members = {f for pair in pairs for f in pair} | set(kinds.main_effects)
+    assert {c for c in kinds.informative if c.startswith("C")} == members
+    assert not members & set(kinds.noise)
+    assert set(kinds.logit_parts) == {"main", "interaction", "memorize", "factorize", "numeric"}
+    for kind in ("memorize", "factorize"):
+        assert kinds.logit_parts[kind].std() > 0.5
+
+
+def test_new_pairs_avoid_the_group_pairs() -> None:
+    """Four small fields, six pairs: three go to group interactions, so the memorise pairs must be the other three."""
+    config = SyntheticConfig(rows=500, categorical_fields=4, cardinalities=[5, 6, 7, 8], informative_fields=0,
+                             interaction_pairs=3, memorize_pairs=3)
+    for seed in range(3):
+        data = generate(config, seed)
+        assert sorted(data.pair_kinds.values()) == ["group"] * 3 + ["memorize"] * 3
+        assert {frozenset(p) for p in data.pair_kinds} == {frozenset((f"C{a}", f"C{b}")) for a in range(1, 5)
+                                                           for b in range(a + 1, 5)}
+
+
+def test_planted_pairs_have_no_main_effect(kinds: SyntheticData) -> None:
+    """Given one field's value, a memorise or factorise term averages to ~0: only crossing the pair reveals it."""
+    for (a, b), kind in kinds.pair_kinds.items():
+        if kind == "group":
+            continue
+        frame = kinds.frame.with_columns(t=pl.Series(kinds.logit_parts[kind]))
+        std = float(frame["t"].std())
+        for name in (a, b):
+            stats = frame.group_by(name).agg(pl.col("t").mean().alias("mean"), pl.col("t").std().alias("sd"),
+                                             pl.len()).filter(pl.col("len") >= 100)
+            assert stats.height >= 5
+            # Count-weighted mean |conditional mean| is small next to the term's std, and within sampling noise.
+            weighted = float((stats["mean"].abs() * stats["len"]).sum() / stats["len"].sum())
+            assert weighted < 0.05 * std, (kind, name, weighted, std)
+            assert float((stats["mean"].abs() / (stats["sd"] / stats["len"].sqrt())).max()) < 5
+        joint = frame.group_by(a, b).agg(pl.col("t").mean(), pl.len()).filter(pl.col("len") >= 100)
+        scale = KINDS.memorize_scale if kind == "memorize" else KINDS.factorize_scale  # std of this pair's term
+        assert float(joint["t"].std()) > 0.3 * scale  # ...yet the pair's combinations differ a lot
+
+
+def _effect_table(data: SyntheticData, kind: str, a: str, b: str) -> np.ndarray:
+    """The ``kind`` term per observed (value of a, value of b): one pair of that kind, so a function of the pair."""
+    frame = data.frame.with_columns(t=pl.Series(data.logit_parts[kind]))
+    cells = frame.group_by(a, b).agg(pl.col("t").first(), pl.col("t").n_unique().alias("distinct"))
+    assert cells["distinct"].max() == 1
+    table = cells.pivot(on=b, index=a, values="t").drop(a).to_numpy()
+    assert not np.isnan(table).any()  # every combination observed
+    return table
+
+
+def test_memorize_effect_is_full_rank_and_factorize_effect_is_low_rank() -> None:
+    config = SyntheticConfig(
+        rows=20_000, categorical_fields=4, cardinalities=[6, 7, 12, 15], zipf_exponent=0.0, informative_fields=0,
+        interaction_pairs=0, numeric_fields=0, numeric_informative=0, memorize_pairs=1, factorize_pairs=1,
+        memorize_max_cardinality=8, factorize_min_cardinality=10, factorize_rank=3,
+    )
+    data = generate(config, seed=0)
+    assert data.pair_kinds == {("C1", "C2"): "memorize", ("C3", "C4"): "factorize"}
+    memorize = _effect_table(data, "memorize", "C1", "C2")
+    factorize = _effect_table(data, "factorize", "C3", "C4")
+    assert memorize.shape == (6, 7) and factorize.shape == (12, 15)
+    # Double-centring removes one dimension; nothing else does.
+    assert np.linalg.matrix_rank(memorize) == 6 - 1
+    assert np.linalg.matrix_rank(factorize) == config.factorize_rank
+    # Uniform values here, so centred means plain row and column means.
+    for table in (memorize, factorize):
+        assert np.allclose(table.mean(axis=0), 0, atol=1e-12) and np.allclose(table.mean(axis=1), 0, atol=1e-12)
+
+
+def test_too_many_pairs_is_a_validation_error() -> None:
+    SyntheticConfig(memorize_pairs=3, factorize_pairs=12)  # the most that fit beside 3 group pairs
+    with pytest.raises(ValidationError, match=r"memorize_pairs \(4\) > the 3 pairs free among the 4 fields with "
+                                              r"cardinality <= 100 \(6 pairs, up to 3 taken by interaction_pairs\)"):
+        SyntheticConfig(memorize_pairs=4)
+    with pytest.raises(ValidationError, match=r"factorize_pairs \(13\) > the 12 pairs free among the 6 fields"):
+        SyntheticConfig(factorize_pairs=13)
+    SyntheticConfig(memorize_pairs=6, interaction_pairs=0)
+    with pytest.raises(ValidationError, match=r"memorize_pairs \(7\) > the 6 pairs free"):
+        SyntheticConfig(memorize_pairs=7, interaction_pairs=0)
+    # Group pairs among 2 main-effect fields can take at most 1 pair.
+    SyntheticConfig(memorize_pairs=5, interactions_among="main_effects", informative_fields=2, interaction_pairs=1)
+    with pytest.raises(ValidationError, match="factorize_min_cardinality"):
+        SyntheticConfig(memorize_pairs=1, factorize_pairs=1, memorize_max_cardinality=500,
+                        factorize_min_cardinality=500)
+    with pytest.raises(ValidationError, match=r"factorize_pairs \(1\) > the 0 pairs"):
+        SyntheticConfig(categorical_fields=2, cardinalities=[5, 5], informative_fields=0, interaction_pairs=0,
+                        factorize_pairs=1)
+
+
+def test_pair_kinds_are_deterministic_and_seed_dependent() -> None:
+    config = KINDS.model_copy(update={"rows": 2_000, "interaction_pairs": 0})
+    a, b, c = generate(config, 5), generate(config, 5), generate(config, 6)
+    assert a.frame.equals(b.frame) and np.array_equal(a.click_probability, b.click_probability)
+    assert a.pair_kinds == b.pair_kinds
+    for kind in ("memorize", "factorize"):
+        assert np.array_equal(a.logit_parts[kind], b.logit_parts[kind])
+    assert a.pair_kinds != c.pair_kinds
+
+
+def test_planting_new_pairs_keeps_everything_else() -> None:
+    """The new pairs draw from their own streams: the other columns, terms and group pairs stay as they were."""
+    base_config = SyntheticConfig(rows=3_000, redundant_fields=2, sequence=True)
+    base = generate(base_config, 4)
+    more = generate(base_config.model_copy(update={"memorize_pairs": 3, "factorize_pairs": 4}), 4)
+    assert more.frame.drop("label").equals(base.frame.drop("label"))
+    for key, part in base.logit_parts.items():
+        assert np.array_equal(more.logit_parts[key], part)
+    assert more.interactions == base.interactions and more.redundant == base.redundant
+    assert {p: k for p, k in more.pair_kinds.items() if k == "group"} == base.pair_kinds
+    assert not np.array_equal(more.click_probability, base.click_probability)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -28,19 +28,28 @@ class BlockConfigBase(Section):
 
 @dataclass(frozen=True)
 class BlockInput:
-    """What a block is built for: the field layout and the embedding width."""
+    """What a block is built for: the field layout, the embedding width and the pair vectors a pair layer appends
+    to the field vectors (``extra_fields``, see :mod:`ctrlab.interactions`)."""
 
     layout: FeatureLayout
     dim: int
+    extra_fields: int = 0
 
     @property
     def num_fields(self) -> int:
-        return self.layout.num_fields
+        """Vectors per row the block reads: the layout's fields and the pair vectors."""
+        return self.layout.num_fields + self.extra_fields
 
 
 class InteractionBlock(nn.Module):
     """Maps :class:`EmbeddingOutput` to a logit contribution ``[B]``. The model adds the bias and the optional
-    first-order term; the block never owns an optimiser, device or loss."""
+    first-order term; the block never owns an optimiser, device or loss.
+
+    ``takes_pair_vectors``: whether the block reads any number of field vectors alike, so that a pair layer's
+    vectors can join them (blocks that give fields roles, such as DIN's candidate and history, or that split the
+    embedding width, such as FGCNN's, do not)."""
+
+    takes_pair_vectors: ClassVar[bool] = True
 
     @classmethod
     def embedding_width(cls, config: BlockConfigBase, dim: int) -> int:

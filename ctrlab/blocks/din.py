@@ -133,6 +133,8 @@ class HistoryMLPBlock(InteractionBlock):
     """MLP([v_1; …; v_F]) where each history's slot holds either its pooled vector or, with ``attention``, its
     chunk of the DIN interest vector for the row's candidate."""
 
+    takes_pair_vectors = False
+
     attention_pooling = False
 
     def __init__(self, config: _HistoryConfig, shape: BlockInput) -> None:

@@ -67,6 +67,8 @@ class FGCNNBlock(InteractionBlock):
     are the generation half's.
     """
 
+    takes_pair_vectors = False
+
     # Buffers, declared for the type checker (``nn.Module.__getattr__`` is typed ``Tensor | Module``).
     rows: torch.Tensor
     cols: torch.Tensor

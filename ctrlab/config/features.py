@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ctrlab.config.base import MAX_COUNT, MAX_FIELDS, MAX_SEQUENCE_LEN, Int, Section
+from ctrlab.config.base import MAX_COUNT, MAX_FIELDS, MAX_SEQUENCE_LEN, MAX_TABLE_ROWS, Int, Section
 
 
 class FeatureDefaults(Section):
@@ -57,6 +57,50 @@ class FeatureSelection(Section):
                        description="how many of the best-ranked categorical and numeric features to keep")
 
 
+class CrossRanking(Section):
+    """The ``top`` pairs of a ``pairs.csv`` written by ``ctrlab rank``, by its (chance-corrected) ``interaction``
+    score, among the candidate pairs."""
+
+    path: str = Field(description="path of a pairs.csv")
+    top: Int = Field(ge=1, le=MAX_FIELDS, description="how many of the best-scored candidate pairs to keep")
+
+
+class CrossesConfig(Section):
+    """Cross features: for each candidate pair of categorical fields (bucketised numerics included), a cross value
+    = the pair of the two fields' values; its vocabulary is fitted on the training split (crosses seen at least
+    ``min_count`` times, the rest out-of-vocabulary). A pair whose vocabulary would exceed ``max_rows`` table rows
+    is hashed into ``max_rows`` rows instead (no vocabulary stored), so huge cross vocabularies stay bounded.
+
+    Candidates: ``pairs`` (``all`` or a list of ``[a, b]``), narrowed to the pairs among the fields that keep values
+    in ``kept_features`` (an OptFS run's ``feature_search/kept_features.csv``), then to the ``ranking.top``
+    best-scored of ``ranking`` (a ``pairs.csv`` of ``ctrlab rank``). The files are read once, when the data is
+    prepared, and the resolved list is what the processor (and the cache key) holds."""
+
+    pairs: Literal["all"] | list[list[str]] = Field(
+        "all", description="all pairs of categorical fields, or a list of [field_a, field_b]")
+    kept_features: str | None = Field(None, description="an OptFS kept_features.csv: only pairs of fields that "
+                                                        "keep at least one value")
+    ranking: CrossRanking | None = Field(None, description="keep the top pairs of a ctrlab rank pairs.csv")
+    min_count: Int = Field(2, ge=1, le=MAX_COUNT,
+                           description="crosses seen fewer times in the training split map to the pair's OOV id")
+    max_rows: Int = Field(100_000, ge=3, le=MAX_TABLE_ROWS,
+                          description="most table rows of one pair; a larger cross vocabulary is hashed into this many")
+
+    @field_validator("pairs")
+    @classmethod
+    def _two_distinct_fields(cls, value: object) -> object:
+        if isinstance(value, list):
+            seen: set[frozenset[str]] = set()
+            for pair in value:
+                if len(pair) != 2 or pair[0] == pair[1]:
+                    raise ValueError(f"a cross pair names two different fields, got {pair}")
+                key = frozenset(pair)
+                if key in seen:
+                    raise ValueError(f"cross pair {pair} is listed twice")
+                seen.add(key)
+        return value
+
+
 class FeaturesConfig(Section):
     """All model inputs. Bare strings are shorthand for a feature with default settings."""
 
@@ -65,6 +109,8 @@ class FeaturesConfig(Section):
     numeric: list[NumericFeature] = Field([], max_length=MAX_FIELDS)
     sequence: list[SequenceFeature] = Field([], max_length=MAX_FIELDS)
     select: FeatureSelection | None = Field(None, description="keep the top_k features of a ranking")
+    crosses: CrossesConfig | None = Field(None, description="cross features of pairs of categorical fields "
+                                          "(what an interaction search chooses among)")
 
     @field_validator("categorical", "numeric", "sequence", mode="before")
     @classmethod
@@ -91,6 +137,10 @@ class FeaturesConfig(Section):
     @property
     def is_empty(self) -> bool:
         return not (self.categorical or self.numeric or self.sequence)
+
+    def pairable(self) -> list[str]:
+        """The fields a cross can pair, in model order: categorical features, then bucketised numeric ones."""
+        return [f.name for f in self.categorical] + [f.name for f in self.numeric if f.transform == "bucketize"]
 
     def columns(self) -> list[str]:
         """Raw columns the features read, in recipe order."""

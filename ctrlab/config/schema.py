@@ -1,8 +1,8 @@
 """The recipe: one pydantic schema that is the single source of truth for a run.
 
-CLI commands, overrides, sweeps and tracking all read and write this schema. The ``embedding``, ``model`` and
-``gate`` sections are discriminated unions built from the registries when this module is imported, so a new block,
-embedding layer or gate (one new file that registers itself) needs no change here.
+CLI commands, overrides, sweeps and tracking all read and write this schema. The ``embedding``, ``model``, ``gate``
+and ``interaction`` sections are discriminated unions built from the registries when this module is imported, so a
+new block, embedding layer or gate (one new file that registers itself) needs no change here.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from ctrlab.config.train import TrainConfig
 from ctrlab.embeddings import EMBEDDINGS
 from ctrlab.embeddings.base import EmbeddingConfigBase
 from ctrlab.gates import GATES
+from ctrlab.interactions import INTERACTIONS
 from ctrlab.registry import Registry
 
 
@@ -41,10 +42,14 @@ if TYPE_CHECKING:  # pragma: no cover - what a type checker sees of the unions: 
 
     class GateConfig(Section):
         kind: str
+
+    class InteractionConfig(Section):
+        kind: str
 else:
     EmbeddingConfig = _union(EMBEDDINGS)
     ModelConfig = _union(BLOCKS)
     GateConfig = _union(GATES)
+    InteractionConfig = _union(INTERACTIONS)
 
 
 def _per_field() -> EmbeddingConfig:
@@ -65,6 +70,9 @@ class Recipe(Section):
     model: ModelConfig
     gate: GateConfig | None = Field(None, description="a feature gate between embedding and block; kind optfs "
                                     "searches the feature set (stages run before the final training)")
+    interaction: InteractionConfig | None = Field(
+        None, description="a pair layer between the gate and the block over features.crosses: kind pairs (one "
+        "method for every pair) or optinter (searched per pair; stages run before the final training)")
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     sweep: SweepConfig | None = None
@@ -76,3 +84,10 @@ class Recipe(Section):
         if isinstance(data, dict) and isinstance(data.get("embedding"), dict) and "kind" not in data["embedding"]:
             data = {**data, "embedding": {"kind": "per_field", **data["embedding"]}}
         return data
+
+    @model_validator(mode="after")
+    def _interaction_needs_crosses(self) -> Recipe:
+        if self.interaction is not None and self.features.crosses is None:
+            raise ValueError("interaction: the pair layer needs candidate pairs; add features.crosses (e.g. "
+                             "crosses: {pairs: all})")
+        return self

@@ -17,13 +17,15 @@ from ctrlab.data.encoded import EncodedSplit
 @dataclass
 class FeatureBatch:
     """Categorical ids ``[B, Fc]`` (per-field local ids), numeric values ``[B, Fn]``, padded sequence ids
-    ``{name: [B, L]}``, labels ``[B]`` and group ids ``[B]`` where known."""
+    ``{name: [B, L]}``, labels ``[B]`` and group ids ``[B]`` where known, and cross-feature ids ``[B, P]`` (one
+    column per :attr:`FeatureLayout.crosses` entry) where the features define crosses."""
 
     categorical: torch.Tensor
     numeric: torch.Tensor
     sequences: dict[str, torch.Tensor] = field(default_factory=dict)
     label: torch.Tensor | None = None
     group: torch.Tensor | None = None
+    crosses: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.categorical.shape[0])
@@ -38,6 +40,7 @@ class FeatureBatch:
             sequences={k: v.to(device, non_blocking=non_blocking) for k, v in self.sequences.items()},
             label=move(self.label),
             group=move(self.group),
+            crosses=move(self.crosses),
         )
 
     def select(self, index: torch.Tensor | slice) -> "FeatureBatch":
@@ -50,6 +53,7 @@ class FeatureBatch:
             sequences={k: v[index] for k, v in self.sequences.items()},
             label=pick(self.label),
             group=pick(self.group),
+            crosses=pick(self.crosses),
         )
 
     @classmethod
@@ -61,6 +65,7 @@ class FeatureBatch:
             sequences={k: torch.from_numpy(v.astype(np.int64)) for k, v in split.sequences.items()},
             label=None if split.label is None else torch.from_numpy(split.label.astype(np.float32)),
             group=None if split.group is None else torch.from_numpy(split.group.astype(np.int64)),
+            crosses=None if split.crosses is None else torch.from_numpy(split.crosses.astype(np.int64)),
         )
 
 

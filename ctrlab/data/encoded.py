@@ -15,13 +15,15 @@ from ctrlab.utils.io import atomic_path
 @dataclass
 class EncodedSplit:
     """One split as arrays: categorical ids ``[N, Fc]`` (int32), numeric values ``[N, Fn]`` (float32), one padded
-    id matrix ``[N, L]`` per sequence field, labels ``[N]`` (float32) and optional group ids ``[N]`` (int64)."""
+    id matrix ``[N, L]`` per sequence field, labels ``[N]`` (float32), optional group ids ``[N]`` (int64) and
+    cross-feature ids ``[N, P]`` (int32; None without crosses)."""
 
     categorical: np.ndarray
     numeric: np.ndarray
     sequences: dict[str, np.ndarray] = field(default_factory=dict)
     label: np.ndarray | None = None
     group: np.ndarray | None = None
+    crosses: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.categorical.shape[0])
@@ -35,6 +37,9 @@ class EncodedSplit:
         for spec in layout.sequence:
             matrix = self.sequences[spec.name]
             columns[f"seq:{spec.name}"] = pl.Series(matrix).cast(pl.Array(pl.Int32, matrix.shape[1]))
+        for i, cross in enumerate(layout.crosses):
+            assert self.crosses is not None
+            columns[f"cross:{cross.name}"] = pl.Series(self.crosses[:, i])
         if self.label is not None:
             columns["label"] = pl.Series(self.label)
         if self.group is not None:
@@ -61,4 +66,5 @@ class EncodedSplit:
             sequences=sequences,
             label=frame["label"].to_numpy().astype(np.float32) if "label" in frame.columns else None,
             group=frame["group"].to_numpy().astype(np.int64) if "group" in frame.columns else None,
+            crosses=matrix([f"cross:{c.name}" for c in layout.crosses], np.int32) if layout.crosses else None,
         )

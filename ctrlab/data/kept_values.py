@@ -5,7 +5,8 @@ A feature-set search (OptFS) finds one; the fitted processor then carries it
 therefore every scorer of the run (``Predictor``, the registered pyfunc model, ``ctrlab serve``) encode a dropped
 value exactly as an unseen one: out-of-vocabulary (id 1). Kept ids are renumbered densely in their old order, so a
 table has one row per kept value (plus padding and OOV) and the stored embedding shrinks with the kept set. A dropped
-numeric field encodes as 0 (its learned vector then contributes nothing).
+numeric field encodes as 0 (its learned vector then contributes nothing). Cross features
+(:mod:`ctrlab.data.crosses`) are built from the values before the restriction and pass through unchanged.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class KeptValues:
                                      f"the table has {spec.vocab_size}")
                 spec = replace(spec, vocab_size=self.kept_rows(spec.table, spec.vocab_size))
             fields.append(spec)
-        return FeatureLayout(tuple(fields))
+        return layout.with_fields(tuple(fields))
 
     def apply(self, split: EncodedSplit, layout: FeatureLayout) -> EncodedSplit:
         """``split`` (encoded with the unrestricted ``layout``) as the restricted processor encodes it."""
@@ -86,7 +87,7 @@ class KeptValues:
         for spec in layout.sequence:
             ids = split.sequences[spec.name]
             sequences[spec.name] = maps[spec.table][ids] if spec.table in maps else ids
-        return EncodedSplit(categorical, numeric, sequences, split.label, split.group)
+        return EncodedSplit(categorical, numeric, sequences, split.label, split.group, split.crosses)
 
     def apply_to_batch(self, batch: FeatureBatch, layout: FeatureLayout) -> FeatureBatch:
         """:meth:`apply` for a split already held as tensors (same devices and dtypes out as in)."""
@@ -98,7 +99,7 @@ class KeptValues:
 
         return FeatureBatch(back(encoded.categorical, batch.categorical), back(encoded.numeric, batch.numeric),
                             {k: back(encoded.sequences[k], v) for k, v in batch.sequences.items()},
-                            batch.label, batch.group)
+                            batch.label, batch.group, batch.crosses)
 
     # ----------------------------------------------------------------------------------------- persistence
     def to_dict(self) -> dict[str, Any]:

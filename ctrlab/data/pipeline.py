@@ -15,6 +15,7 @@ from rich.console import Console
 from ctrlab.config.dataset import DatasetConfig, SplitConfig
 from ctrlab.config.features import FeaturesConfig
 from ctrlab.data.cache import EncodedCache, cache_key, default_cache_dir, key_payload
+from ctrlab.data.crosses import resolve_crosses
 from ctrlab.data.encoded import EncodedSplit
 from ctrlab.data.processor import ROW_COLUMN, FeatureProcessor
 from ctrlab.data.readers import read_table
@@ -174,12 +175,13 @@ def _file_splits(config: DatasetConfig, seed: int, base: Path | None) -> RawSpli
 
 # ----------------------------------------------------------------------------------------------- encode
 def resolve_features(features: FeaturesConfig, raw: RawSplits) -> FeaturesConfig:
-    """The recipe's features, or the data source's defaults (keeping the recipe's ``select``) when it names none."""
+    """The recipe's features, or the data source's defaults (keeping the recipe's ``select`` and ``crosses``) when it
+    names none."""
     if not features.is_empty:
         return features
     if raw.default_features is None:
         raise RecipeError("features: the recipe names no features and the data source has no defaults")
-    return raw.default_features.model_copy(update={"select": features.select})
+    return raw.default_features.model_copy(update={"select": features.select, "crosses": features.crosses})
 
 
 def prepare_data(config: DatasetConfig, features: FeaturesConfig, seed: int, data_dir: str | Path | None = None,
@@ -187,7 +189,7 @@ def prepare_data(config: DatasetConfig, features: FeaturesConfig, seed: int, dat
     """Load, split, fit the processor on train, encode all splits; reuse the cache when data and schema match."""
     console = console or Console(stderr=True)
     raw = load_raw_splits(config, seed, data_dir)
-    features = apply_selection(resolve_features(features, raw))
+    features = resolve_crosses(apply_selection(resolve_features(features, raw)))
     label, group_by = raw.label, raw.group_by
     store = EncodedCache(default_cache_dir(config), console) if config.cache else None
     if store is not None:

@@ -14,6 +14,7 @@ import numpy as np
 import polars as pl
 
 from ctrlab.config.features import CategoricalFeature, FeaturesConfig, NumericFeature, SequenceFeature
+from ctrlab.data.crosses import CrossVocabulary, choose_methods, encode_crosses, fit_crosses
 from ctrlab.data.encoded import EncodedSplit
 from ctrlab.data.kept_values import KeptValues
 from ctrlab.data.layout import FIRST_VALUE_ID, OOV_ID, FeatureLayout, FieldSpec
@@ -98,7 +99,8 @@ class FeatureProcessor:
     ``__null__``. Numeric: missing filled (mean / median / zero / constant from the training split), then
     ``none`` / ``log`` (sign(x)·log1p|x|) / ``standardize`` / ``log_standardize`` / ``bucketize`` (quantile bins
     fitted on train; missing goes to id 1). Sequences: tokens mapped with their own or a shared vocabulary, the most
-    recent ``max_len`` kept, right-padded with 0.
+    recent ``max_len`` kept, right-padded with 0. Crosses (``features.crosses``): one id per candidate pair of
+    categorical fields, from a cross vocabulary fitted on train or hashed (:mod:`ctrlab.data.crosses`).
     """
 
     def __init__(self, features: FeaturesConfig, label: str, group_by: str | None = None) -> None:
@@ -108,6 +110,7 @@ class FeatureProcessor:
         self.vocabularies: dict[str, _Vocabulary] = {}
         self.numeric_stats: dict[str, dict[str, Any]] = {}
         self.kept: KeptValues | None = None
+        self.crosses: list[CrossVocabulary] = []
         self.fitted = False
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -245,6 +248,10 @@ class FeatureProcessor:
         for num, numeric_values in zip(self.features.numeric, numeric):
             self.numeric_stats[num.name] = self._fit_numeric(num, numeric_values)
         self.fitted = True
+        if self.features.crosses is not None:
+            categorical = self.full_layout.categorical
+            self.crosses = fit_crosses(self.features, self._categorical_ids(frame, numeric),
+                                       [f.name for f in categorical], [f.vocab_size for f in categorical])
         return self
 
     @staticmethod
@@ -285,6 +292,15 @@ class FeatureProcessor:
         kept.restrict_layout(self.full_layout)  # checks that the masks fit the tables
         self.kept = kept
 
+    def choose_pairs(self, choices: dict[str, str]) -> None:
+        """Record an interaction search's decision (every cross's name -> ``memorize``, ``factorize`` or ``naive``):
+        naive pairs are no longer encoded, the others carry their method in :attr:`layout` (and so in the saved
+        processor, from which serving builds the model's pair layer)."""
+        self._require_fitted()
+        if any(cross.method is not None for cross in self.crosses):
+            raise ValueError("the processor's pairs are already decided")
+        self.crosses = choose_methods(self.crosses, choices)
+
     @property
     def layout(self) -> FeatureLayout:
         """The model input's shape (after :meth:`restrict`, the restricted tables' sizes)."""
@@ -309,7 +325,7 @@ class FeatureProcessor:
             table = seq.share_vocab_with or seq.name
             fields.append(FieldSpec(seq.name, "sequence", self.vocabularies[table].size, table, seq.max_len,
                                     seq.pooling))
-        return FeatureLayout(tuple(fields))
+        return FeatureLayout(tuple(fields), tuple(cross.spec() for cross in self.crosses))
 
     def _require_fitted(self) -> None:
         if not self.fitted:
@@ -323,18 +339,12 @@ class FeatureProcessor:
             raise DataError(f"{source}: no rows")
         self._check_columns(frame, source, with_label)
         n = frame.height
-        names = [c.name for c in self.features.categorical]
-        strings = frame.select(pl.col(name).cast(pl.String).fill_null(NULL_TOKEN) for name in names) if names else None
-        categorical: list[np.ndarray] = [
-            self.vocabularies[name].ids(strings.get_column(name)) for name in names  # type: ignore[union-attr]
-        ]
-        numeric: list[np.ndarray] = []
         columns = self._numeric_columns(frame, [num.name for num in self.features.numeric], source)
+        categorical = self._categorical_ids(frame, columns)
+        numeric: list[np.ndarray] = []
         for num, values in zip(self.features.numeric, columns):
             stats = self.numeric_stats[num.name]
             if num.transform == "bucketize":
-                ids = np.searchsorted(np.asarray(stats["edges"], dtype=np.float64), values, side="right")
-                categorical.append(np.where(np.isnan(values), OOV_ID, ids + FIRST_VALUE_ID).astype(np.int32))
                 continue
             x = np.where(np.isnan(values), stats["fill"], values)
             if num.transform in ("log", "log_standardize"):
@@ -357,15 +367,34 @@ class FeatureProcessor:
         if self.group_by is not None and self.group_by in frame.columns:
             group = frame.get_column(self.group_by).cast(pl.String).fill_null(NULL_TOKEN).rank("dense").to_numpy()
             group = group.astype(np.int64)
+        layout = self.full_layout
         encoded = EncodedSplit(
-            categorical=np.ascontiguousarray(np.stack(categorical, axis=1) if categorical
-                                             else np.zeros((n, 0), np.int32)),
+            categorical=categorical,
             numeric=np.ascontiguousarray(np.stack(numeric, axis=1) if numeric else np.zeros((n, 0), np.float32)),
             sequences=sequences,
             label=self._labels(frame, source) if with_label else None,
             group=group,
+            crosses=(encode_crosses(self.crosses, categorical, [f.name for f in layout.categorical]) if self.crosses
+                     else None),
         )
-        return self.kept.apply(encoded, self.full_layout) if self.kept is not None else encoded
+        return self.kept.apply(encoded, layout) if self.kept is not None else encoded
+
+    def _categorical_ids(self, frame: pl.DataFrame, numeric: list[np.ndarray]) -> np.ndarray:
+        """``[N, Fc]`` int32 ids of the categorical fields in layout order: vocabulary ids, then the bucket ids of
+        the bucketised numeric fields (``numeric``: every numeric column as parsed, NaN = missing)."""
+        names = [c.name for c in self.features.categorical]
+        strings = frame.select(pl.col(name).cast(pl.String).fill_null(NULL_TOKEN) for name in names) if names else None
+        ids: list[np.ndarray] = [
+            self.vocabularies[name].ids(strings.get_column(name)) for name in names  # type: ignore[union-attr]
+        ]
+        for num, values in zip(self.features.numeric, numeric):
+            if num.transform == "bucketize":
+                edges = np.asarray(self.numeric_stats[num.name]["edges"], dtype=np.float64)
+                buckets = np.searchsorted(edges, values, side="right")
+                ids.append(np.where(np.isnan(values), OOV_ID, buckets + FIRST_VALUE_ID).astype(np.int32))
+        if not ids:
+            return np.zeros((frame.height, 0), np.int32)
+        return np.ascontiguousarray(np.stack(ids, axis=1))
 
     def _encode_sequence(self, frame: pl.DataFrame, spec: SequenceFeature) -> np.ndarray:
         tokens = self._sequence_tokens(frame, spec)
@@ -392,6 +421,7 @@ class FeatureProcessor:
             "numeric_stats": self.numeric_stats,
             "layout": self.layout.to_dict(),
             **({"kept": self.kept.to_dict()} if self.kept is not None else {}),
+            **({"crosses": [cross.to_dict() for cross in self.crosses]} if self.crosses else {}),
         }
 
     @classmethod
@@ -402,6 +432,7 @@ class FeatureProcessor:
         processor = cls(FeaturesConfig.model_validate(data["features"]), data["label"], data.get("group_by"))
         processor.vocabularies = {name: _Vocabulary(list(values)) for name, values in data["vocabularies"].items()}
         processor.numeric_stats = data["numeric_stats"]
+        processor.crosses = [CrossVocabulary.from_dict(cross) for cross in data.get("crosses", [])]
         processor.fitted = True
         if "kept" in data:
             processor.restrict(KeptValues.from_dict(data["kept"]))

@@ -6,21 +6,34 @@ copies ``R1..Rk``, an optional behaviour history ``hist`` with a candidate ``ite
 ``ts``) and the probability ``p`` each label was drawn from. Because ``p`` is known, the Bayes-optimal AUC of any split
 is :func:`bayes_optimal_auc` of its labels against its ``p``: the ceiling a model can be measured against.
 
-The click logit is ``intercept + signal_scale * (main + interaction + numeric + sequence)``:
+The click logit is ``intercept + signal_scale * (main + interaction + memorize + factorize + numeric + sequence)``:
 
 * ``main``: one random effect per value of each of ``informative_fields`` categorical fields;
-* ``interaction``: for each planted pair of categorical fields, the values of both fields are hashed into a few hidden
-  groups and an effect table indexed by ``(group_a, group_b)`` is added. The table is double-centred under the group
-  frequencies, so (fields being drawn independently) its best additive approximation is zero: only a model that
-  crosses the two fields can use it;
+* ``interaction`` (pair kind "group"): for each of ``interaction_pairs`` planted pairs of categorical fields, the values
+  of both fields are hashed into a few hidden groups and an effect table indexed by ``(group_a, group_b)`` is added.
+  The table is double-centred under the group frequencies, so (fields being drawn independently) its best additive
+  approximation is zero: only a model that crosses the two fields can use it;
+* ``memorize`` (pair kind "memorize", after OptInter, Lyu et al. ICDE 2022): for each of ``memorize_pairs`` pairs of
+  fields with at most ``memorize_max_cardinality`` values, a full-rank effect table ``T[value_a, value_b]`` of iid
+  normals, double-centred under the two fields' value frequencies (no main effect leaks) and scaled to
+  ``memorize_scale``. Every combination is frequent and its effect is unrelated to the others', so the best a model can
+  do is to memorise it (a cross-product feature, one embedding per combination); a low-rank factorisation cannot
+  represent it;
+* ``factorize`` (pair kind "factorize"): for each of ``factorize_pairs`` pairs of fields with at least
+  ``factorize_min_cardinality`` values, a rank-``factorize_rank`` effect ``sum_k u_a[k] * v_b[k]``, with ``u`` and
+  ``v`` iid normal per value and each centred under its field's value frequencies (so the product has no conditional
+  mean given either field), scaled to ``factorize_scale``. Most combinations are rare or unseen, so memorising them
+  fails, but every value's factor is seen with many partners: an inner product of per-value embeddings (FM-style)
+  learns it;
 * ``numeric``: a nonlinear function (log, threshold or hump in ``log1p(x)``) of ``numeric_informative`` count columns;
   a missing value contributes nothing;
 * ``sequence``: the share of the history that falls in the candidate item's latent cluster.
 
-Every term is scaled to a fixed standard deviation (``main_effect_scale`` and friends) and the intercept is solved so
-that the mean of ``p`` equals ``base_rate``. All randomness comes from named :class:`numpy.random.PCG64` streams
-derived from ``seed``, so the same config and seed give the same table in any process, and switching one option
-(say ``sequence``) leaves the columns it does not touch unchanged.
+A pair of fields is planted at most once, whatever its kind; ``SyntheticData.pair_kinds`` says which pair got which
+kind. Every term is scaled to a fixed standard deviation (``main_effect_scale`` and friends) and the intercept is
+solved so that the mean of ``p`` equals ``base_rate``. All randomness comes from named :class:`numpy.random.PCG64`
+streams derived from ``seed``, so the same config and seed give the same table in any process, and switching one
+option (say ``sequence``, or the memorise/factorise pairs) leaves the columns it does not touch unchanged.
 """
 
 from __future__ import annotations
@@ -42,12 +55,20 @@ _TS_START = 1_600_000_000  # 2020-09-13, seconds
 # A logit term with a std of 100 already saturates every probability; more only risks overflow to inf.
 _MAX_SCALE = 100.0
 _MAX_SYNTHETIC_FIELDS = 10_000
-# Interaction groups make a groups x groups effect table per planted pair.
+# Interaction groups make a groups x groups effect table per planted pair; a memorise pair a full values x values one.
 _MAX_GROUPS = 1_000
+_MAX_MEMORIZE_CARDINALITY = 1_000
+# A factorise pair holds a (cardinality x rank) factor matrix per field.
+_MAX_FACTORIZE_RANK = 64
 
 
 class SyntheticConfig(BaseModel):
-    """Shape and difficulty of a synthetic click table; see the module docstring for how the logit is built."""
+    """Shape and difficulty of a synthetic click table; see the module docstring for how the logit is built.
+
+    ``memorize_pairs`` / ``factorize_pairs`` must fit among the pairs of small / large fields that stay free whichever
+    pairs a seed gives ``interaction_pairs`` (the validator assumes the worst case, so validity never depends on the
+    seed), and when both are planted ``memorize_max_cardinality < factorize_min_cardinality``.
+    """
 
     # Bounded like every recipe section (see ctrlab.config.base): sizes on both sides, floats finite, so an absurd
     # shape is a validation error; rows x columns within the bounds is checked by ctrlab.train.footprint.
@@ -69,6 +90,10 @@ class SyntheticConfig(BaseModel):
     interactions_among: Literal["all", "main_effects"] = Field(
         "all", description="draw the interacting pairs from all categorical fields or only those with a main effect"
     )
+    memorize_pairs: Int = Field(0, ge=0, le=_MAX_SYNTHETIC_FIELDS,
+                                description="planted full-rank pairwise effects between small-vocabulary fields")
+    factorize_pairs: Int = Field(0, ge=0, le=_MAX_SYNTHETIC_FIELDS,
+                                 description="planted low-rank pairwise effects between large-vocabulary fields")
     numeric_informative: Int = Field(2, ge=0, le=_MAX_SYNTHETIC_FIELDS,
                                      description="numeric fields with a nonlinear effect")
     redundant_fields: Int = Field(0, ge=0, le=_MAX_SYNTHETIC_FIELDS,
@@ -87,6 +112,17 @@ class SyntheticConfig(BaseModel):
                                      description="std of each interaction term of the logit")
     interaction_groups: Int = Field(4, ge=2, le=_MAX_GROUPS,
                                     description="hidden groups per field of an interaction pair")
+    memorize_scale: float = Field(0.6, ge=0.0, le=_MAX_SCALE,
+                                  description="std of each memorise-type pair term of the logit")
+    memorize_max_cardinality: Int = Field(100, ge=2, le=_MAX_MEMORIZE_CARDINALITY,
+                                          description="memorise pairs are drawn among fields with at most this many "
+                                                      "values")
+    factorize_scale: float = Field(0.6, ge=0.0, le=_MAX_SCALE,
+                                   description="std of each factorise-type pair term of the logit")
+    factorize_min_cardinality: Int = Field(1_000, ge=2, le=MAX_CARDINALITY,
+                                           description="factorise pairs are drawn among fields with at least this many "
+                                                       "values")
+    factorize_rank: Int = Field(4, ge=1, le=_MAX_FACTORIZE_RANK, description="rank of each factorise-type pair effect")
     numeric_scale: float = Field(0.4, ge=0.0, le=_MAX_SCALE, description="std of each numeric term of the logit")
     redundant_noise: float = Field(0.05, ge=0.0, le=1.0, description="share of a redundant column redrawn at random")
     num_items: Int = Field(10_000, ge=2, le=MAX_CARDINALITY, description="item vocabulary of 'item' and 'hist'")
@@ -118,11 +154,41 @@ class SyntheticConfig(BaseModel):
             raise ValueError(
                 f"numeric_informative ({self.numeric_informative}) > numeric_fields ({self.numeric_fields})"
             )
-        if self.redundant_fields and not (self.informative_fields or self.interaction_pairs):
+        self._check_pairs()
+        if self.redundant_fields and not (
+            self.informative_fields or self.interaction_pairs or self.memorize_pairs or self.factorize_pairs
+        ):
             raise ValueError("redundant_fields needs an informative categorical field to copy")
         if self.item_clusters > self.num_items:
             raise ValueError(f"item_clusters ({self.item_clusters}) > num_items ({self.num_items})")
         return self
+
+    def _check_pairs(self) -> None:
+        """Enough memorise / factorise pairs exist whichever pairs the seed gives the group interactions."""
+        if not (self.memorize_pairs or self.factorize_pairs):
+            return
+        if self.memorize_pairs and self.factorize_pairs and (
+            self.memorize_max_cardinality >= self.factorize_min_cardinality
+        ):
+            raise ValueError(f"memorize_max_cardinality ({self.memorize_max_cardinality}) >= factorize_min_cardinality "
+                             f"({self.factorize_min_cardinality}): the two kinds need disjoint fields")
+        cards = self.resolved_cardinalities()
+        pool = self.categorical_fields if self.interactions_among == "all" else self.informative_fields
+        for name, count, fits, limit in (
+            ("memorize_pairs", self.memorize_pairs, lambda c: c <= self.memorize_max_cardinality,
+             f"<= {self.memorize_max_cardinality}"),
+            ("factorize_pairs", self.factorize_pairs, lambda c: c >= self.factorize_min_cardinality,
+             f">= {self.factorize_min_cardinality}"),
+        ):
+            if not count:
+                continue
+            k = sum(1 for c in cards if fits(c))
+            total = k * (k - 1) // 2
+            # In the worst case the group interactions take as many of these pairs as they can.
+            taken = min(self.interaction_pairs, min(k, pool) * (min(k, pool) - 1) // 2)
+            if count > total - taken:
+                raise ValueError(f"{name} ({count}) > the {total - taken} pairs free among the {k} fields with "
+                                 f"cardinality {limit} ({total} pairs, up to {taken} taken by interaction_pairs)")
 
     def resolved_cardinalities(self) -> list[int]:
         """The vocabulary size of each categorical field (the default spread when ``cardinalities`` is None)."""
@@ -144,7 +210,15 @@ class SyntheticData:
     ``R*`` (String), and ``item``/``hist`` (String, if ``sequence``). ``click_probability[i]`` is the ``p`` the label
     of row ``i`` was drawn from. ``logit_parts`` holds each kind of term of the logit (already multiplied by
     ``signal_scale``), so ``click_probability == sigmoid(intercept + sum(logit_parts.values()))``; with it one can
-    build oracles that see only part of the signal (e.g. main effects only).
+    build oracles that see only part of the signal (e.g. main effects only). "memorize" and "factorize" are present
+    only when such pairs are planted.
+
+    ``informative`` lists the categorical fields with a main effect or in a planted pair (any kind), then the
+    informative numeric fields (and ``item``/``hist``); ``noise`` the rest. ``redundant`` maps each copy ``R*`` to its
+    source (a main-effect or group-interaction field; a memorise/factorise field only when there is none of those).
+    ``main_effects`` names the main-effect fields and ``interactions`` the group-interaction pairs (as before).
+    ``pair_kinds`` maps every planted pair, its two field names in column order (e.g. ``("C3", "C7")``), to its kind:
+    "group" (the ``interactions``), "memorize" or "factorize"; no pair appears twice.
     """
 
     frame: pl.DataFrame
@@ -157,6 +231,7 @@ class SyntheticData:
     interactions: list[tuple[str, str]] = field(default_factory=list)
     intercept: float = 0.0
     logit_parts: dict[str, np.ndarray] = field(default_factory=dict)
+    pair_kinds: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def feature_spec(self) -> dict[str, Any]:
         """The feature columns by kind: categorical (``C*``, ``R*``, ``item``), numeric (``I*``) and sequence."""
@@ -190,6 +265,10 @@ _STREAMS = (
     "sequence_values",
     "time",
     "label",
+    # Appended later: a new name goes at the end only, so the streams above keep their spawn keys.
+    "pair_choice",
+    "memorize",
+    "factorize",
 )
 
 
@@ -357,6 +436,13 @@ def generate(config: SyntheticConfig, seed: int) -> SyntheticData:
         interaction += table[group_a[ranks[a]], group_b[ranks[b]]]
     parts["interaction"] = signal * interaction
 
+    # --- memorise- and factorise-type pairs ---------------------------------------------------------------------------
+    memorize_pairs, factorize_pairs = _choose_kind_pairs(config, seed, cards, pairs)
+    if memorize_pairs:
+        parts["memorize"] = signal * _memorize_term(config, seed, cards, ranks, memorize_pairs)
+    if factorize_pairs:
+        parts["factorize"] = signal * _factorize_term(config, seed, cards, ranks, factorize_pairs)
+
     # --- numeric columns ----------------------------------------------------------------------------------------------
     shape_rng = _stream(seed, "numeric_shape")
     num_rng = _stream(seed, "numeric_values")
@@ -405,11 +491,14 @@ def generate(config: SyntheticConfig, seed: int) -> SyntheticData:
         columns.append(_vocab(f"{name}_", cards[j]).gather(value_ids[j][ranks[j]]).alias(name))
 
     # --- redundant copies ---------------------------------------------------------------------------------------------
-    informative_cat = sorted(set(main_idx) | {f for pair in pairs for f in pair})
+    # Copies are of main-effect and group-interaction fields, so planting memorise/factorise pairs leaves R* unchanged.
+    copied = sorted(set(main_idx) | {f for pair in pairs for f in pair})
+    informative_cat = sorted(set(copied) | {f for pair in memorize_pairs + factorize_pairs for f in pair})
+    copied = copied or informative_cat
     redundant: dict[str, str] = {}
     red_rng = _stream(seed, "redundant")
     for r in range(config.redundant_fields):
-        j = informative_cat[r % len(informative_cat)]  # copies cycle through the informative fields
+        j = copied[r % len(copied)]  # copies cycle through the informative fields
         name = f"R{r + 1}"
         relabel = red_rng.permutation(cards[j]).astype(np.int32)
         rank = ranks[j].copy()
@@ -431,6 +520,10 @@ def generate(config: SyntheticConfig, seed: int) -> SyntheticData:
     noise += [num_names[j] for j in range(config.numeric_fields) if j not in num_idx]
     if config.sequence:
         informative += ["item", "hist"]
+    pair_kinds: dict[tuple[str, str], str] = {}
+    for kind, planted in (("group", pairs), ("memorize", memorize_pairs), ("factorize", factorize_pairs)):
+        for a, b in planted:
+            pair_kinds[(cat_names[a], cat_names[b])] = kind
     return SyntheticData(
         frame=frame,
         click_probability=p,
@@ -442,7 +535,79 @@ def generate(config: SyntheticConfig, seed: int) -> SyntheticData:
         interactions=[(cat_names[a], cat_names[b]) for a, b in pairs],
         intercept=intercept,
         logit_parts=parts,
+        pair_kinds=pair_kinds,
     )
+
+
+def _choose_kind_pairs(
+    config: SyntheticConfig, seed: int, cards: list[int], taken: list[tuple[int, int]]
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The memorise and factorise pairs (field indices, ``a < b``, sorted): distinct, none among ``taken``.
+
+    Drawn from their own stream, so the group pairs (and every other draw) are those of a config without them.
+    """
+    memorize: list[tuple[int, int]] = []
+    factorize: list[tuple[int, int]] = []
+    if not (config.memorize_pairs or config.factorize_pairs):
+        return memorize, factorize
+    rng = _stream(seed, "pair_choice")
+    used = set(taken)
+    m = len(cards)
+    for count, fits, chosen in (
+        (config.memorize_pairs, lambda c: c <= config.memorize_max_cardinality, memorize),
+        (config.factorize_pairs, lambda c: c >= config.factorize_min_cardinality, factorize),
+    ):
+        if not count:
+            continue
+        fields = [j for j in range(m) if fits(cards[j])]
+        free = [(a, b) for i, a in enumerate(fields) for b in fields[i + 1:] if (a, b) not in used]
+        if count > len(free):  # the config validator rules this out
+            raise ValueError(f"only {len(free)} free pairs for {count} planted pairs")
+        chosen.extend(sorted(free[i] for i in rng.choice(len(free), size=count, replace=False)))
+        used.update(chosen)
+    return memorize, factorize
+
+
+def _memorize_term(
+    config: SyntheticConfig, seed: int, cards: list[int], ranks: list[np.ndarray], pairs: list[tuple[int, int]]
+) -> np.ndarray:
+    """Sum over ``pairs`` of a full-rank effect per value combination (indexed by frequency ranks), no main effect."""
+    rng = _stream(seed, "memorize")
+    term = np.zeros(ranks[0].size if ranks else 0)
+    for a, b in pairs:
+        wa = _zipf_probs(cards[a], config.zipf_exponent)
+        wb = _zipf_probs(cards[b], config.zipf_exponent)
+        table = rng.standard_normal((cards[a], cards[b]))
+        # Double-centre under the value frequencies: E[table | value_a] = E[table | value_b] = 0.
+        table = table - (table @ wb)[:, None]
+        table = table - (wa @ table)[None, :]
+        std = math.sqrt(float(wa @ table**2 @ wb))
+        if std > 1e-12:
+            table = table / std * config.memorize_scale
+        term += table[ranks[a], ranks[b]]
+    return term
+
+
+def _factorize_term(
+    config: SyntheticConfig, seed: int, cards: list[int], ranks: list[np.ndarray], pairs: list[tuple[int, int]]
+) -> np.ndarray:
+    """Sum over ``pairs`` of a rank-``factorize_rank`` effect ``u[value_a] . v[value_b]``, no main effect."""
+    rng = _stream(seed, "factorize")
+    term = np.zeros(ranks[0].size if ranks else 0)
+    r = config.factorize_rank
+    for a, b in pairs:
+        wa = _zipf_probs(cards[a], config.zipf_exponent)
+        wb = _zipf_probs(cards[b], config.zipf_exponent)
+        u = rng.standard_normal((cards[a], r))
+        v = rng.standard_normal((cards[b], r))
+        # Centre each factor under its field's frequencies: E[u . v | value_a] = u . E[v] = 0, and likewise for b.
+        u -= wa @ u
+        v -= wb @ v
+        # E[(u . v)^2] = sum_kl E[u_k u_l] E[v_k v_l] for independent fields.
+        std = math.sqrt(max(float(np.sum((u.T * wa) @ u * ((v.T * wb) @ v))), 0.0))
+        scale = config.factorize_scale / std if std > 1e-12 else 0.0
+        term += scale * np.einsum("ij,ij->i", u[ranks[a]], v[ranks[b]])
+    return term
 
 
 def _sequence(

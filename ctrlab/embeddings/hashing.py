@@ -15,7 +15,7 @@ evaluated with vectorised int64 tensor ops (``a · x < 2^62`` cannot overflow fo
 index, the probe index and a salt, in pure Python integer arithmetic: they are the same in every process, on every
 platform and with every numpy / torch version. Python's built-in ``hash()`` is never used (it is randomised per
 process for strings, see ``PYTHONHASHSEED``). Because the constants are a pure function of
-``(table, probe, salt)`` they are not stored in checkpoints.
+``(table, probe, salt)`` they are not stored in checkpoints (:mod:`ctrlab.utils.hashing` computes them).
 """
 
 from __future__ import annotations
@@ -31,35 +31,13 @@ from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.layout import PADDING_ID, FeatureLayout
 from ctrlab.embeddings.base import EmbeddingOutput, FeatureEmbedding
 
-MERSENNE_PRIME = (1 << 31) - 1
-"""P of the universal family: ids are reduced modulo P first, so any int64 id is accepted."""
+# The constants are shared with the data layer's hashed cross features; re-exported here for the layers' users.
+from ctrlab.utils.hashing import MERSENNE_PRIME as MERSENNE_PRIME
+from ctrlab.utils.hashing import hash_constants as hash_constants
+from ctrlab.utils.hashing import splitmix64 as splitmix64
 
 PADDING_ROW = 0
 """Row 0 of a hashed layer's table: all zeros, never updated; every padding id (0) looks it up."""
-
-_MASK64 = (1 << 64) - 1
-_DOMAIN = 0x6374726C61622D68  # "ctrlab-h": separates these hash constants from any other use of splitmix64
-
-
-def splitmix64(x: int) -> int:
-    """One step of splitmix64 (the finaliser of Java's SplittableRandom): a bijective 64-bit mix."""
-    z = (x + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
-def hash_constants(table: int, probe: int = 0, salt: int = 0) -> tuple[int, int]:
-    """``(a, b)`` of the hash function for vocabulary table ``table`` (its index in ``FeatureLayout.tables()``),
-    probe ``probe`` (0 for the hashing trick; 0..k-1 for the k chunks of Unified Embedding) and ``salt``.
-
-    ``a`` is uniform on ``[1, P)`` and ``b`` on ``[0, P)`` (up to a bias below 2^-32), deterministically."""
-    state = splitmix64((_DOMAIN ^ salt) & _MASK64)
-    state = splitmix64(state ^ (table & _MASK64))
-    state = splitmix64(state ^ (probe & _MASK64))
-    a = 1 + splitmix64(state ^ 1) % (MERSENNE_PRIME - 1)
-    b = splitmix64(state ^ 2) % MERSENNE_PRIME
-    return a, b
 
 
 def hash_parameters(tables: int, probes: int = 1, salt: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

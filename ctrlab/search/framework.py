@@ -1,22 +1,23 @@
 """The architecture-search framework every paper's search runs on (OptEmbed, DNIS, OptFS, ...).
 
 A *searching section* of a recipe is a part whose kind searches its own architecture: an embedding kind
-(``embedding.kind: optembed`` or ``dnis``, which search the table) or a gate kind (``gate.kind: optfs``, which
-searches the feature set). Its config lists ``stages`` (the method's stage names, in order) and may name
-``from_run``, an earlier run directory whose outputs the first listed stage starts from.
+(``embedding.kind: optembed`` or ``dnis``, which search the table), a gate kind (``gate.kind: optfs``, which searches
+the feature set) or a pair-layer kind (``interaction.kind: optinter``, which searches each pair's method). Its config
+lists ``stages`` (the method's stage names, in order) and may name ``from_run``, an earlier run directory whose
+outputs the first listed stage starts from.
 
-A *search method* is one module of this package that registers a :class:`SearchMethod` subclass under the kind's
-name (:func:`register`); :data:`SEARCH_METHODS` finds it by name. A method's :meth:`SearchMethod.run` gets a
+A *search method* is one module of this package that registers a :class:`SearchMethod` subclass under the kind's name
+(:func:`register`); :data:`SEARCH_METHODS` finds it by name. A method's :meth:`SearchMethod.run` gets a
 :class:`SearchContext` and returns a :class:`SearchOutcome`, whose :attr:`~SearchOutcome.artefact` (a typed
-:class:`Artefact`: dims and row masks, a kept feature set, ...) the framework saves under the method's folder of
-the run directory, summarises into ``metrics.json`` and MLflow, and whose hooks then shape the rest of the run:
+:class:`Artefact`: dims and row masks, a kept feature set, ...) the framework saves under the method's folder of the
+run directory, summarises into ``metrics.json`` and MLflow, and whose hooks then shape the rest of the run:
 :meth:`~SearchOutcome.prepare_data` (e.g. the kept feature values) before anything else is built, and
 :meth:`~SearchOutcome.prepare_model` on the run's freshly built final model (pruning a table, rewinding weights).
 
-:func:`run_searches` runs the recipe's searching sections in model order (gate, then embedding: the table search
-sees the kept feature set). Each runs with the global random state saved and restored, so the final training is
-the same whichever stages ran here. Importing this module imports neither the trainer nor Optuna: methods do
-their imports themselves.
+:func:`run_searches` runs the recipe's searching sections in model order (gate, pair layer, then embedding: the pair
+search sees the kept feature set, the table search both). Each runs with the global random state saved and restored,
+so the final training is the same whichever stages ran here. Importing this module imports neither the trainer nor
+Optuna: methods do their imports themselves.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ctrlab.config.schema import Recipe
     from ctrlab.embeddings.base import FeatureEmbedding
     from ctrlab.gates.base import FeatureGate
+    from ctrlab.interactions.base import PairInteraction
     from ctrlab.tracking import RunLogger
 
 
@@ -138,18 +140,30 @@ class SearchContext:
         return target
 
     def build_network(self, main_embedding: Callable[[Any, FeatureLayout], FeatureEmbedding] | None = None,
-                      gate: FeatureGate | None = None) -> CTRModel:
-        """The recipe's model for the current layout, with ``main_embedding`` as its main embedding and ``gate`` in
-        the gate slot when given, built after seeding with the recipe's seed: it starts from the same initial values
-        as the run's own model (same seed, same draws)."""
-        return self.build_network_for(self.layout, main_embedding, gate)
+                      gate: FeatureGate | None = None,
+                      interaction: Callable[[FeatureLayout, int, float], PairInteraction] | None = None) -> CTRModel:
+        """The recipe's model for the current layout, with ``main_embedding`` as its main embedding, ``gate`` in
+        the gate slot and ``interaction(layout, width, init_std)`` as its pair layer when given, built after seeding
+        with the recipe's seed: it starts from the same initial values as the run's own model (same seed, same
+        draws)."""
+        return self.build_network_for(self.layout, main_embedding, gate, interaction)
 
     def build_network_for(self, layout: FeatureLayout,
                           main_embedding: Callable[[Any, FeatureLayout], FeatureEmbedding] | None = None,
-                          gate: FeatureGate | None = None) -> CTRModel:
-        """:meth:`build_network` for another layout (e.g. the one a search saw, after the data changed)."""
+                          gate: FeatureGate | None = None,
+                          interaction: Callable[[FeatureLayout, int, float], PairInteraction] | None = None,
+                          ) -> CTRModel:
+        """:meth:`build_network` for another layout (e.g. the one a search saw, after the data changed).
+
+        The pair layer is ``interaction`` when given (a pair search's mixture), else the recipe's once its pairs
+        are decided (a fixed architecture, or a pair search that ran earlier), else none: a search that runs before
+        the pair search sees the model without pair vectors."""
         seed_everything(self.recipe.seed)
-        return build_model(self.recipe.embedding, self.recipe.model, layout, main_embedding, gate)
+        config = self.recipe.interaction
+        decided = config is not None and (not is_searching(config) or all(c.method for c in layout.crosses))
+        return build_model(self.recipe.embedding, self.recipe.model, layout, main_embedding, gate,
+                           interaction_config=config if decided and interaction is None else None,
+                           interaction=interaction)
 
     def load_network(self, model: CTRModel, path: Path) -> None:
         try:
@@ -207,8 +221,9 @@ def is_searching(config: Any) -> bool:
 
 
 def searching_sections(recipe: Recipe) -> list[tuple[str, Any]]:
-    """The recipe's searching sections in the order they run: the gate (feature set), then the embedding (table)."""
-    sections = [("gate", recipe.gate), ("embedding", recipe.embedding)]
+    """The recipe's searching sections in the order they run: the gate (feature set), the pair layer (which pairs
+    to memorise or factorise), then the embedding (table)."""
+    sections = [("gate", recipe.gate), ("interaction", recipe.interaction), ("embedding", recipe.embedding)]
     return [(name, config) for name, config in sections if is_searching(config)]
 
 

@@ -13,7 +13,7 @@ from ctrlab.config.loader import read_recipe_file, validate_recipe
 from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.processor import FeatureProcessor
 from ctrlab.errors import DataError
-from ctrlab.models import CTRModel, build_model
+from ctrlab.models import CTRModel, build_recipe_model
 from ctrlab.run_dir import PROCESSOR_FILE, RECIPE_FILE, WEIGHTS_FILE
 from ctrlab.utils.checkpoint import load_weights
 
@@ -40,7 +40,7 @@ class Predictor:
             raise DataError(f"{run_dir}: run directory not found")
         recipe = validate_recipe(read_recipe_file(run_dir / RECIPE_FILE), str(run_dir / RECIPE_FILE))
         processor = FeatureProcessor.load(run_dir / PROCESSOR_FILE)
-        model = build_model(recipe.embedding, recipe.model, processor.layout)
+        model = build_recipe_model(recipe, processor.layout)
         load_weights(model, run_dir / WEIGHTS_FILE)
         return cls(recipe, processor, model, device)
 

@@ -139,7 +139,7 @@ def predictor_from_files(recipe: Path, processor: Path, weights: Path) -> Any:
     YAML, JSON and safetensors, never a pickle."""
     from ctrlab.config.loader import read_recipe_file, validate_recipe
     from ctrlab.data.processor import FeatureProcessor
-    from ctrlab.models import build_model
+    from ctrlab.models import build_recipe_model
     from ctrlab.serve.predictor import Predictor
     from ctrlab.utils.checkpoint import load_weights
 
@@ -148,7 +148,7 @@ def predictor_from_files(recipe: Path, processor: Path, weights: Path) -> Any:
             raise DataError(f"{path}: file not found; is this a finished ctrlab run?")
     loaded = validate_recipe(read_recipe_file(recipe), str(recipe))
     fitted = FeatureProcessor.load(processor)
-    model = build_model(loaded.embedding, loaded.model, fitted.layout)
+    model = build_recipe_model(loaded, fitted.layout)
     load_weights(model, weights)
     return Predictor(loaded, fitted, model)
 

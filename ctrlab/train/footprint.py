@@ -257,6 +257,8 @@ def _meta_batch(layout: FeatureLayout, batch_size: int) -> Any:
         sequences={f.name: torch.empty((batch_size, f.max_len), dtype=torch.long, device="meta")
                    for f in layout.sequence},
         label=torch.empty((batch_size,), dtype=torch.float32, device="meta"),
+        crosses=(torch.empty((batch_size, len(layout.crosses)), dtype=torch.long, device="meta") if layout.crosses
+                 else None),
     )
 
 

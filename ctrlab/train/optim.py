@@ -95,6 +95,9 @@ def build_optimizers(model: CTRModel, config: OptimizerConfig,
                 undecayed_tables.append(param)
             else:
                 embedding_params.append(param)
+    # A pair layer's lookup tables (memorised crosses, factor vectors) are embedding tables too.
+    pair_tables = model.interaction.table_parameters() if model.interaction is not None else []
+    embedding_params += [p for p in pair_tables if id(p) not in architecture]
     seen = {id(p) for p in embedding_params + undecayed_tables + sparse_params} | architecture
     dense_params = [p for p in model.parameters() if id(p) not in seen]
 

@@ -42,7 +42,7 @@ from ctrlab.config.train import TrainConfig
 from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.pipeline import TRUE_PROBABILITY_COLUMN, PreparedData, prepare_data
 from ctrlab.errors import DataError, RecipeError, TrainingDiverged
-from ctrlab.models import CTRModel, build_model
+from ctrlab.models import CTRModel, build_recipe_model
 from ctrlab.run_dir import (
     EMBEDDING_SEARCH_DIR,
     FEATURE_SEARCH_DIR,
@@ -167,7 +167,7 @@ def _train_and_save(recipe: Recipe, data: PreparedData, device: torch.device, co
         searched.processor.save(tmp / PROCESSOR_FILE)  # as the searches left it (a kept feature set)
         batches = searched.batches
         seed_everything(recipe.seed)
-        model = build_model(recipe.embedding, recipe.model, searched.layout)
+        model = build_recipe_model(recipe, searched.layout)
         search.prepare_model(model)  # pruned, rewound
         trainer = Trainer(model, recipe.train, device, seed=recipe.seed, console=console, callbacks=all_callbacks)
         state = (TrainingStateFile(state_path(output_dir), recipe_digest(recipe_to_dict(recipe)))
@@ -248,10 +248,13 @@ def check_labels(data: PreparedData, train: TrainConfig) -> None:
 
 
 def embedding_size(model: CTRModel) -> dict[str, int]:
-    """Stored floats and bytes of the main embedding (after any pruning; 0 for a model without one)."""
+    """Stored floats and bytes of the main embedding (after any pruning; 0 for a model without one), the floats of
+    the pair layer (memorised pairs' rows and factor tables; 0 without one) and of the whole model."""
     embedding = model.embedding
     return {"embedding_parameters": embedding.parameter_count() if embedding is not None else 0,
-            "embedding_bytes": embedding.parameter_bytes() if embedding is not None else 0}
+            "embedding_bytes": embedding.parameter_bytes() if embedding is not None else 0,
+            "interaction_parameters": model.interaction.stored_parameters() if model.interaction is not None else 0,
+            "model_parameters": sum(p.numel() for p in model.parameters())}
 
 
 def _log_results(tracker: RunLogger, metrics: dict[str, Any], fit: FitResult, output_dir: Path,
