@@ -80,10 +80,8 @@ compares only pieces with the same settings and prints them for every group.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import datetime as dt
-import fcntl
 import hashlib
 import json
 import os
@@ -91,11 +89,11 @@ import shlex
 import shutil
 import statistics
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from pieces import ResultsFile
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "optfs.jsonl"
@@ -225,8 +223,7 @@ def settings_tag(settings: dict[str, Any]) -> str:
 
 
 def piece_key(record: dict[str, Any]) -> str:
-    return json.dumps([record["dataset"], record["model"], record["variant"], record["seed"],
-                       record["settings"]], sort_keys=True)
+    return results_file(RESULTS).key(record)
 
 
 def run_name(dataset: str, model: str, variant: str, seed: int, settings: dict[str, Any]) -> str:
@@ -236,38 +233,8 @@ def run_name(dataset: str, model: str, variant: str, seed: int, settings: dict[s
 
 
 # ------------------------------------------------------------------------------------------------ records
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """An exclusive lock for the results file ``path`` (a lock file in the temp folder, not beside the results)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = Path(tempfile.gettempdir()) / f"ctrlab-bench-optfs-{hashlib.sha1(str(path).encode()).hexdigest()[:12]}.lock"
-    with open(lock, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def load_records(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def append_record(path: Path, record: dict[str, Any], force: bool) -> None:
-    """Add ``record`` (replacing one with the same key when ``force``) by rewriting the file atomically."""
-    with locked(path):
-        records = [r for r in load_records(path) if piece_key(r) != piece_key(record)]
-        records.append(record)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records), encoding="utf-8")
-        os.replace(tmp, path)
-
-
-def recorded(path: Path, key: str) -> dict[str, Any] | None:
-    with locked(path):
-        return next((r for r in load_records(path) if piece_key(r) == key), None)
+def results_file(path: Path) -> ResultsFile:
+    return ResultsFile(path, ("dataset", "model", "variant", "seed", "settings"), lock="optfs")
 
 
 # -------------------------------------------------------------------------------------------- the random mask
@@ -361,7 +328,7 @@ def run_piece(args: argparse.Namespace) -> int:
     name = run_name(dataset, model, variant, seed, settings)
     record_id = {"dataset": dataset, "model": model, "variant": variant, "seed": seed, "settings": settings}
     key = piece_key(record_id)
-    if not args.force and (old := recorded(args.results, key)) is not None:
+    if not args.force and (old := results_file(args.results).find(key)) is not None:
         print(f"already recorded ({old['date']}): {name}; --force to run it again")
         return 0
 
@@ -418,7 +385,7 @@ def run_piece(args: argparse.Namespace) -> int:
         record.update({"informative": info, "cardinalities": synthetic["cardinalities"]})
         if variant != "plain":
             record.update(planted_figures(record["fields"], info))
-    append_record(args.results, record, args.force)
+    results_file(args.results).append(record)
     figures = f"test auc {metrics['test']['auc']:.5f}, {metrics['embedding_parameters']:,} embedding parameters"
     if variant != "plain":
         figures += f", kept {record['values_kept']:,}/{record['values_total']:,} values ({record['kept_share']:.1%})"
@@ -608,7 +575,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> bool:
 
 
 def report(args: argparse.Namespace) -> int:
-    records = load_records(args.results)
+    records = results_file(args.results).load()
     print(f"OptFS benchmark, printed {dt.date.today()}; {len(records)} recorded pieces from {args.results}")
     lines = report_planted(records) + report_comparison(records)
     print("\n".join(lines))
@@ -625,7 +592,7 @@ def plan(args: argparse.Namespace) -> int:
     """Every piece of the full benchmark and whether it is recorded; with ``--commands`` one shell line per
     (suite, model, seed) that runs its missing pieces in order (optfs before the random controls that need its run
     directory), the slowest lines first, for ``xargs -P 2``."""
-    records = load_records(args.results)
+    records = results_file(args.results).load()
     keys = {piece_key(r) for r in records}
     defaults = argparse.Namespace(epochs=None, search_epochs=None, gate=None)
     chains, lines = [], []
