@@ -269,7 +269,7 @@ def _analytic_activations(model: nn.Module, layout: FeatureLayout, dim: int, bat
 
 
 def estimate_model(embedding: Any, model_config: Any, layout: FeatureLayout, batch_size: int,
-                   optimizer: str = "adam") -> ModelEstimate:
+                   optimizer: str = "adam", interaction: Any | None = None) -> ModelEstimate:
     """Build the model on the ``meta`` device (no memory) and measure it; see the module docstring for the formula.
 
     A model the recipe describes inconsistently (e.g. DIN's candidate is not a categorical feature) raises the
@@ -282,12 +282,13 @@ def estimate_model(embedding: Any, model_config: Any, layout: FeatureLayout, bat
     meta_embedding = _meta_embedding_config(embedding)
     try:
         with torch.device("meta"):
-            model = build_model(meta_embedding, model_config, layout)
+            model = build_model(meta_embedding, model_config, layout, interaction_config=interaction)
     except CtrlabError:
         raise
     except ValueError as exc:  # the real build would fail the same way, after allocating
         raise RecipeError(f"model: {exc}") from None
-    parts = {"embedding": model.embedding, "linear": model.linear, "block": model.block}
+    parts = {"embedding": model.embedding, "linear": model.linear, "block": model.block,
+             "interaction": model.interaction}
     parameters = {name: sum(p.numel() for p in part.parameters()) if part is not None else 0
                   for name, part in parts.items()}
     parameters["bias"] = model.bias.numel()
@@ -300,17 +301,32 @@ def estimate_model(embedding: Any, model_config: Any, layout: FeatureLayout, bat
     return ModelEstimate(parameters, buffers, activations, 2 if optimizer == "adam" else 1, batch_size, exact)
 
 
+def _estimated_pair_layer(recipe: Recipe, layout: FeatureLayout) -> Any | None:
+    """The pair layer to estimate: the recipe's, or, for a pair search whose pairs are undecided, every pair
+    memorised (the search's largest part: its mixture holds those tables and, besides, the factor tables)."""
+    config = recipe.interaction
+    if config is None or not layout.crosses or all(cross.method for cross in layout.crosses) or \
+            not hasattr(config, "stages"):
+        return config
+    from ctrlab.interactions import INTERACTIONS
+
+    return INTERACTIONS.get("pairs").config(method="memorize")
+
+
 def _advice(recipe: Recipe, estimate: ModelEstimate) -> str:
     """The recipe key that contributes most, to lower."""
     shares = {
         "embedding": (estimate.parameters["embedding"] + estimate.parameters["linear"]) * FLOAT_BYTES
         * (2 + estimate.optimizer_moments),
         "block": estimate.parameters["block"] * FLOAT_BYTES * (2 + estimate.optimizer_moments),
+        "interaction": estimate.parameters["interaction"] * FLOAT_BYTES * (2 + estimate.optimizer_moments),
         "activations": estimate.activation_bytes,
     }
     largest = max(shares, key=lambda k: shares[k])
     if largest == "embedding":
         return f"lower embedding.dim (now {recipe.embedding.dim:,}) or the vocabularies (features.*.min_count)"
+    if largest == "interaction":
+        return "lower features.crosses.max_rows (the row budget of a memorised pair) or the candidate pairs"
     if largest == "block":
         return f"make the {recipe.model.block} block's layers smaller (model.*)"
     return f"lower train.batch_size (now {recipe.train.batch_size:,})"
@@ -321,7 +337,7 @@ def check_model_footprint(recipe: Recipe, layout: FeatureLayout, device: torch.d
     """Refuse (one-line ``RecipeError``) a model that cannot be trained in the memory of ``device``. Call once the
     feature layout is known and before ``build_model``. Returns the estimate."""
     estimate = estimate_model(recipe.embedding, recipe.model, layout, recipe.train.batch_size,
-                              recipe.train.optimizer.name)
+                              recipe.train.optimizer.name, _estimated_pair_layer(recipe, layout))
     limit = limit if limit is not None else available_memory(device)
     if limit is not None and estimate.bytes > limit.bytes:
         parts = "; ".join(f"{name} {count:,}" for name, count in estimate.parameters.items() if count)
