@@ -7,14 +7,20 @@ Three heuristics order the features:
   (:mod:`ctrlab.ranking.information`), OutRank's cardinality correction.
 * ``3mr``: OutRank's "3MR" greedy ranking (Sec. 3.3), relevance minus redundancy plus relation: at each step pick
   the feature maximising ``v - alpha * redundancy * v`` with ``v = relevance + beta * relation``, all on a 0..1
-  scale. Relevance is the normalised MI over the best one; relation the largest interaction information of the
-  feature with a partner, ``MI((a, b); y) - MI(a; y) - MI(b; y)`` (chance-corrected), over the larger of the best
-  relevance and the best interaction; redundancy the largest share of the feature's information that an already
-  selected feature carries (:func:`~ctrlab.ranking.information.adjusted_redundancy`: a relabelled copy scores 1, an
-  independent feature 0, a country given its city 1 but the city given its country less). Redundancy discounts the
-  feature's value in proportion (instead of OutRank's plain difference) so that a copy cannot win back through its
-  source's interactions, and it takes the maximum over the selected set (instead of OutRank's median), because a
-  median lets a copy climb back once enough unrelated features have been selected.
+  scale. Relevance is the normalised MI over the best one; relation the largest interaction of the feature with a
+  partner (below), over the larger of the best relevance and the best interaction; redundancy the largest share of
+  the feature's information that an already selected feature carries
+  (:func:`~ctrlab.ranking.information.adjusted_redundancy`: a relabelled copy scores 1, an independent feature 0, a
+  country given its city 1 but the city given its country less). Redundancy discounts the feature's value in
+  proportion (instead of OutRank's plain difference) so that a copy cannot win back through its source's
+  interactions, and it takes the maximum over the selected set (instead of OutRank's median), because a median lets
+  a copy climb back once enough unrelated features have been selected.
+
+A pair's interaction is what the pair tells about the label beyond the two features combined without interacting:
+``MI((a, b); y) - E[MI((a, b~); y)]`` with ``b~`` the values of ``b`` dealt out again within each label class, which
+keeps each feature's own relation to the label (:class:`~ctrlab.ranking.information.PairNull`). It is 0 in
+expectation for a noise feature crossed with anything, however many cells the pair has; like interaction information,
+``MI((a, b); y) - MI(a; y) - MI(b; y)``, it is positive for synergy and negative for redundancy.
 
 Pair statistics (redundancy, interaction) are computed only among the ``pair_candidates`` most relevant features and
 on at most ``pair_rows`` rows, so their cost is bounded whatever the data size; every per-feature score uses all
@@ -34,6 +40,7 @@ import polars as pl
 from ctrlab.ranking.encode import EncodedColumn, Kind, encode_column
 from ctrlab.ranking.information import (
     LabelShuffles,
+    PairNull,
     adjusted_redundancy,
     codes_entropy,
     joint_codes,
@@ -173,7 +180,8 @@ def _by_score(names: list[str], score: list[float]) -> list[int]:
 
 def _pair_statistics(columns: list[EncodedColumn], normalized: np.ndarray, shuffles: LabelShuffles,
                      options: RankingOptions, step: Progress) -> dict[tuple[int, int], dict[str, float]]:
-    """Interaction information and normalised redundancy of every pair among the top candidates."""
+    """Chance-corrected interaction (:meth:`~ctrlab.ranking.information.PairNull.interaction`) and redundancy of
+    every pair among the top candidates."""
     if options.pair_candidates < 2 or len(columns) < 2:
         return {}
     candidates = sorted(np.argsort(-normalized, kind="stable")[: options.pair_candidates].tolist())
@@ -181,13 +189,12 @@ def _pair_statistics(columns: list[EncodedColumn], normalized: np.ndarray, shuff
     rng = np.random.default_rng(options.seed + 1)
     if rows > options.pair_rows:
         subset = np.sort(rng.choice(rows, options.pair_rows, replace=False))
-        sub = shuffles.subset(subset)
         codes = {i: columns[i].codes[subset] for i in candidates}
-        relevance = {i: sub.scores(codes[i])[1] for i in candidates}
+        labels = shuffles.labels[subset]
     else:
-        sub = shuffles
         codes = {i: columns[i].codes for i in candidates}
-        relevance = {i: float(normalized[i]) for i in candidates}
+        labels = shuffles.labels
+    null = PairNull(labels, options.shuffles, options.seed + 2)
     entropies = {i: codes_entropy(codes[i]) for i in candidates}
     cardinality = {i: int(codes[i].max()) + 1 for i in candidates}
     order = rng.permutation(codes[candidates[0]].shape[0])
@@ -197,7 +204,7 @@ def _pair_statistics(columns: list[EncodedColumn], normalized: np.ndarray, shuff
     for a_pos, a in enumerate(candidates):
         for b in candidates[a_pos + 1:]:
             pair = joint_codes(codes[a], codes[b], cardinality[b])
-            interaction = sub.scores(pair)[1] - relevance[a] - relevance[b]
+            interaction = null.interaction(codes[a], codes[b], cardinality[b], pair)
             a_by_b, b_by_a = adjusted_redundancy(codes[a], pair, shuffled[b], entropies[a], entropies[b])
             result[(a, b)] = {"interaction": float(interaction), "a_explained_by_b": a_by_b, "b_explained_by_a": b_by_a}
             step("pairs", len(result), total)
