@@ -90,9 +90,8 @@ def build_model(embedding_config: Any, model_config: Any, layout: FeatureLayout,
     if wants_pairs and not (getattr(block_type, "needs_embedding", True) and block_type.takes_pair_vectors):
         raise RecipeError(f"interaction: model.block {model_config.block} does not read pair vectors; use a block "
                           "that reads any number of field vectors (mlp, deepfm, dcnv2, autoint, fm)")
-    if wants_pairs and not layout.crosses:
-        raise RecipeError("interaction: the features define no cross features; add features.crosses (e.g. "
-                          "{pairs: all})")
+    # A layout without crosses under a pair layer is a decision of every pair naive (the recipe schema already
+    # refuses a pair layer without features.crosses): the layer then adds no vectors.
     if not getattr(block_type, "needs_embedding", True):
         return CTRModel(None, None, linear, gate)
     width = block_type.embedding_width(model_config, embedding_config.dim)

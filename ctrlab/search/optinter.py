@@ -95,6 +95,20 @@ class PairChoices:
             raise DataError(f"{path}: not pair choices for this recipe's crosses ({error})") from None
         return {str(k): str(v) for k, v in choices.items()}
 
+    @staticmethod
+    def load_weights(path: Path, choices: dict[str, str]) -> dict[str, list[float]]:
+        """The method weights saved in ``path`` beside ``choices`` (a searching run's), so that a run reusing the
+        choices writes the same files; empty where the file holds none (or not one weight per method and pair)."""
+        try:
+            weights = json.loads(path.read_text(encoding="utf-8")).get("weights")
+        except (OSError, ValueError, AttributeError):
+            return {}
+        if not isinstance(weights, dict) or set(weights) != set(choices) or not all(
+                isinstance(w, list) and len(w) == len(METHODS)
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in w) for w in weights.values()):
+            return {}
+        return {str(k): [float(x) for x in w] for k, w in weights.items()}
+
 
 def plot_pairs(layout: FeatureLayout, choices: dict[str, str], weights: dict[str, list[float]], path: Path) -> None:
     """Field-by-field heat map: each candidate pair's cell coloured by its method, labelled with the winning weight
@@ -220,7 +234,9 @@ class OptInterSearch(SearchMethod):
         if "search" in config.stages:
             choices, weights, summary["search"] = search(context)
         else:
-            choices = PairChoices.load(context.copy_earlier(CHOICES_FILE), layout)
+            path = context.copy_earlier(CHOICES_FILE)
+            choices = PairChoices.load(path, layout)
+            weights = PairChoices.load_weights(path, choices)
         artefact = PairChoices(layout, choices, weights)
         figures = artefact.summary()
         context.say(f"{figures['pairs']} pairs: memorize {figures['pairs_memorize']}, factorize "
