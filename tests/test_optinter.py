@@ -225,7 +225,7 @@ def test_the_temperature_falls_geometrically_from_initial_to_final() -> None:
     default = OptInterConfig()
     assert (default.stages, default.search_epochs, default.initial_temperature, default.final_temperature,
             default.arch_lr, default.bilevel, default.gumbel) == (["search", "retrain"], 10, 1.0, 0.01, 3e-3,
-                                                                  False, False)
+                                                                  True, False)
 
 
 def test_before_each_epoch_the_temperature_is_set_and_a_plateau_leaves_arch_lr_alone() -> None:

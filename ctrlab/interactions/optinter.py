@@ -38,7 +38,10 @@ class OptInterConfig(Section):
     ``final_temperature``; the architecture weights ``alpha`` learn with their own Adam (``arch_lr``, no weight
     decay) on the training batches (one-level) or, with ``bilevel``, on the next validation batch after every
     training step (first-order DARTS, Section III-D). ``gumbel`` adds Gumbel noise to ``alpha`` in training
-    (Gumbel-softmax). The search keeps the epoch with the best validation metric (``train.early_stopping``, whose
+    (Gumbel-softmax). Bi-level is the default: stepped on the training loss, ``alpha`` favours whatever fits the
+    training rows best, and memorising fits them best (on the generator's planted pairs at 300,000 rows the
+    one-level search memorised 44 of 45 pairs and reached test AUC 0.7479, the bi-level one kept 6 memorised, 34
+    factorised, 5 naive at 0.7751). The search keeps the epoch with the best validation metric (``train.early_stopping``, whose
     patience applies too) and each pair's method is the argmax of its ``alpha`` there. ``retrain`` trains a fresh
     model with those methods (the run's final training, early stopping on validation).
 
@@ -56,7 +59,8 @@ class OptInterConfig(Section):
     initial_temperature: float = Field(1.0, gt=0, le=1e6, description="temperature t of the first search epoch")
     final_temperature: float = Field(0.01, gt=0, le=1e6, description="temperature t of the last search epoch")
     arch_lr: float = Field(3e-3, gt=0, le=1e3, description="learning rate of the architecture weights' Adam")
-    bilevel: bool = Field(False, description="step the architecture weights on validation batches (bi-level)")
+    bilevel: bool = Field(True, description="step the architecture weights on validation batches (bi-level); "
+                                            "false: on the training batches (one-level)")
     gumbel: bool = Field(False, description="add Gumbel noise to the architecture weights in training")
 
     @model_validator(mode="after")
