@@ -59,3 +59,34 @@ def test_ml100k_time_split_with_sequences_and_gauc(tmp_path: Path, shared_data_d
     result = train_recipe(recipe, data_dir=shared_data_dir, console=QUIET)
     assert sum(result.metrics["rows"].values()) == 100000
     assert result.metrics["test"]["auc"] > 0.6 and result.metrics["test"]["gauc"] > 0.5
+
+
+def test_criteo_sample_optinter_runs_end_to_end_on_a_ranked_pair_list(tmp_path: Path, shared_data_dir: Path,
+                                                                       cache_dir: Path) -> None:
+    """The Criteo sample's 39 fields make 741 pairs; the recipe searches the 20 best of a ranking's pairs.csv."""
+    import csv
+
+    from ctrlab.ranking.rank import RankingOptions
+    from ctrlab.ranking.run import run_rank
+
+    recipe_path = REPO / "recipes" / "criteo_sample_mlp_optinter.yaml"
+    ranked = run_rank(recipe_path, [], RankingOptions(), output_dir=tmp_path / "rank", data_dir=shared_data_dir,
+                      track=False, console=QUIET)
+    pairs = tmp_path / "rank" / "pairs.csv"
+    assert pairs in ranked.files
+    recipe, result = _train("criteo_sample_mlp_optinter.yaml", tmp_path, shared_data_dir,
+                            f"features.crosses.ranking.path={pairs}", "train.epochs=2", "interaction.search_epochs=2")
+    layout_pairs = recipe.features.crosses.ranking.top
+    with open(result.output_dir / "interaction_search" / "pairs.csv", newline="") as handle:
+        chosen = list(csv.DictReader(handle))
+    assert len(chosen) == layout_pairs == 20
+    summary = result.metrics["interaction_search"]
+    assert summary["pairs"] == 20 and summary["pairs_memorize"] + summary["pairs_factorize"] + \
+        summary["pairs_naive"] == 20
+    assert result.metrics["test"]["auc"] > 0.6
+    predictor = Predictor.from_run(result.output_dir)
+    raw = load_raw_splits(recipe.dataset, recipe.seed, shared_data_dir).frames["test"]
+    import polars as pl
+
+    saved = pl.read_parquet(result.output_dir / "test_predictions.parquet")["probability"].to_numpy()
+    assert np.array_equal(predictor.predict(raw.drop("label")), saved)
