@@ -264,7 +264,9 @@ def _log_results(tracker: RunLogger, metrics: dict[str, Any], fit: FitResult, ou
     final.update({f"best_valid_{k}": v for k, v in fit.best_valid.items()})
     final.update({"best_epoch": fit.best_epoch, "epochs_run": len(fit.history), "seconds": metrics["seconds"],
                   "embedding_parameters": metrics["embedding_parameters"],
-                  "embedding_bytes": metrics["embedding_bytes"]})
+                  "embedding_bytes": metrics["embedding_bytes"],
+                  "interaction_parameters": metrics["interaction_parameters"],
+                  "model_parameters": metrics["model_parameters"]})
     if "bayes_optimal_test_auc" in metrics:
         final["bayes_optimal_test_auc"] = metrics["bayes_optimal_test_auc"]
     tracker.log_metrics(final)
