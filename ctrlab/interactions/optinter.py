@@ -41,8 +41,9 @@ class OptInterConfig(Section):
     (Gumbel-softmax). Bi-level is the default: stepped on the training loss, ``alpha`` favours whatever fits the
     training rows best, and memorising fits them best (on the generator's planted pairs at 300,000 rows the
     one-level search memorised 44 of 45 pairs and reached test AUC 0.7479, the bi-level one kept 6 memorised, 34
-    factorised, 5 naive at 0.7751). The search keeps the epoch with the best validation metric (``train.early_stopping``, whose
-    patience applies too) and each pair's method is the argmax of its ``alpha`` there. ``retrain`` trains a fresh
+    factorised, 5 naive at 0.7751). The search keeps the epoch with the best validation metric
+    (``train.early_stopping``, whose patience applies too) and each pair's method is the argmax of its ``alpha``
+    there. ``retrain`` trains a fresh
     model with those methods (the run's final training, early stopping on validation).
 
     The reference code picks its architecture at the epoch with the best *test* AUC and allocates every cross table
