@@ -1,5 +1,6 @@
 """The stage list every searching section shares (``embedding`` kinds that search their table, ``gate`` kinds that
-search the feature set): which of the method's stages this run runs, and an earlier run to start from."""
+search the feature set, ``interaction`` kinds that search the pairs): which of the method's stages this run runs, and
+an earlier run to start from."""
 
 from __future__ import annotations
 
@@ -21,3 +22,10 @@ def check_stages(section: str, stages: Sequence[str], canonical: Sequence[str], 
     if not skipped and from_run is not None:
         raise ValueError(f"{section}.from_run is set but {section}.stages {stages} start with {stages[0]}, which "
                          "reads nothing from an earlier run; remove from_run or leave the first stages out")
+
+
+def check_ends_with_retrain(section: str, stages: Sequence[str], what: str) -> None:
+    """A search whose searched network is no model to serve (``what`` it holds) must end with ``retrain``."""
+    if "retrain" not in stages:
+        raise ValueError(f"{section}.stages must end with retrain: the searched network's {what} are not a model to "
+                         f"serve (to re-train with other settings later, run [retrain] with {section}.from_run)")

@@ -17,7 +17,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ctrlab.config.base import MAX_EPOCHS, Int, Section
-from ctrlab.config.stages import check_stages
+from ctrlab.config.stages import check_ends_with_retrain, check_stages
 from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.layout import FIRST_VALUE_ID, FeatureLayout
 from ctrlab.embeddings.base import EmbeddingOutput
@@ -61,9 +61,7 @@ class OptFSConfig(Section):
     @model_validator(mode="after")
     def _check(self) -> OptFSConfig:
         check_stages("gate", self.stages, self.STAGES, self.from_run)
-        if "retrain" not in self.stages:
-            raise ValueError("gate.stages must end with retrain: the searched network's soft gates are not a model "
-                             "to serve (to re-train with other settings later, run [retrain] with gate.from_run)")
+        check_ends_with_retrain("gate", self.stages, "soft gates")
         if self.rewind_epoch > self.search_epochs:
             raise ValueError(f"gate.rewind_epoch {self.rewind_epoch} is beyond gate.search_epochs "
                              f"{self.search_epochs}")

@@ -17,7 +17,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ctrlab.config.base import MAX_EPOCHS, Int, Section
-from ctrlab.config.stages import check_stages
+from ctrlab.config.stages import check_ends_with_retrain, check_stages
 from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.layout import FeatureLayout
 from ctrlab.errors import RecipeError
@@ -43,8 +43,8 @@ class OptInterConfig(Section):
     one-level search memorised 44 of 45 pairs and reached test AUC 0.7479, the bi-level one kept 6 memorised, 34
     factorised, 5 naive at 0.7751). The search keeps the epoch with the best validation metric
     (``train.early_stopping``, whose patience applies too) and each pair's method is the argmax of its ``alpha``
-    there. ``retrain`` trains a fresh
-    model with those methods (the run's final training, early stopping on validation).
+    there. ``retrain`` trains a fresh model with those methods (the run's final training, early stopping on
+    validation).
 
     The reference code picks its architecture at the epoch with the best *test* AUC and allocates every cross table
     in full for the final model; here the test split is scored once, at the end, and only memorised pairs get a
@@ -67,9 +67,7 @@ class OptInterConfig(Section):
     @model_validator(mode="after")
     def _check(self) -> OptInterConfig:
         check_stages("interaction", self.stages, self.STAGES, self.from_run)
-        if "retrain" not in self.stages:
-            raise ValueError("interaction.stages must end with retrain: the searched mixture is not a model to serve "
-                             "(to re-train with other settings later, run [retrain] with interaction.from_run)")
+        check_ends_with_retrain("interaction", self.stages, "mixed pair vectors")
         return self
 
     def temperature(self, epoch: int) -> float:
