@@ -35,10 +35,11 @@ from pydantic import BaseModel, ValidationError
 
 from ctrlab.blocks import BLOCKS
 from ctrlab.data.batches import FeatureBatch
-from ctrlab.data.layout import FIRST_VALUE_ID, OOV_ID, PADDING_ID, FeatureLayout, FieldSpec
+from ctrlab.data.layout import FIRST_VALUE_ID, OOV_ID, PADDING_ID, CrossSpec, FeatureLayout, FieldSpec
 from ctrlab.embeddings import EMBEDDINGS
 from ctrlab.errors import RecipeError
 from ctrlab.gates import GATES
+from ctrlab.interactions import INTERACTIONS
 from ctrlab.models import build_model
 from ctrlab.models.ctr_model import CTRModel
 from ctrlab.utils.checkpoint import load_weights, save_weights
@@ -222,7 +223,7 @@ def test_cases_cover_every_registered_block_and_embedding_kind() -> None:
 
 def test_every_registered_config_and_implementation_is_documented() -> None:
     undocumented = [f"{registry.what} {name}: {part.__name__}"
-                    for registry in (BLOCKS, EMBEDDINGS, GATES) for name in registry.names()
+                    for registry in (BLOCKS, EMBEDDINGS, GATES, INTERACTIONS) for name in registry.names()
                     for part in (registry.get(name).config, registry.get(name).impl)
                     if not _own_doc(part).strip()]
     assert not undocumented, f"no docstring: {undocumented}"
@@ -238,7 +239,7 @@ def _cites_a_source(impl: Any) -> bool:
 
 def test_every_registered_implementation_cites_its_source() -> None:
     uncited = [f"{registry.what} {name} ({registry.get(name).impl.__name__})"
-               for registry in (BLOCKS, EMBEDDINGS, GATES) for name in registry.names()
+               for registry in (BLOCKS, EMBEDDINGS, GATES, INTERACTIONS) for name in registry.names()
                if not _cites_a_source(registry.get(name).impl)]
     assert uncited == [], f"implementations whose docstring (and module docstring) cite no source: {uncited}"
 
@@ -385,3 +386,83 @@ def test_a_gate_sits_between_every_embedding_and_block(gate: str, block: str, ki
     gated(batch).sum().backward()
     grads = [p.grad for p in gated.gate.architecture_parameters()]
     assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+# ------------------------------------------------------------------------------------------------ 5. pair layers
+PAIR_LAYOUT = FeatureLayout((
+    FieldSpec("item", "categorical", 9, "item"),
+    FieldSpec("user", "categorical", 5, "user"),
+    FieldSpec("ctx", "categorical", 4, "ctx"),
+    FieldSpec("x", "numeric"),
+), (
+    CrossSpec("item:user", "item", "user", 20, method="memorize"),
+    CrossSpec("item:ctx", "item", "ctx", 7, method="factorize"),
+    CrossSpec("user:ctx", "user", "ctx", 6, hashed=True, method="memorize"),
+))
+
+
+def _interaction_variants() -> list[tuple[str, dict[str, Any]]]:
+    """Every registered pair-layer kind, one variant per value of each required ``Literal`` field (``method``)."""
+    variants = []
+    for kind in INTERACTIONS.names():
+        config = INTERACTIONS.get(kind).config
+        literals = {name: typing.get_args(field.annotation) for name, field in config.model_fields.items()
+                    if field.is_required() and typing.get_origin(field.annotation) is typing.Literal}
+        for values in itertools.product(*literals.values()):
+            variants.append((kind, dict(zip(literals, values))))
+    return variants
+
+
+PAIR_BLOCKS = [b for b in BLOCKS.names() if getattr(BLOCKS.get(b).impl, "needs_embedding", True)
+               and BLOCKS.get(b).impl.takes_pair_vectors]
+PAIR_CASES = [pytest.param(block, kind, settings, id=f"{block}-{kind}" + "".join(f"[{v}]" for v in settings.values()))
+              for block in PAIR_BLOCKS for kind, settings in _interaction_variants()]
+
+
+def _pair_model(block: str, kind: str, settings: dict[str, Any], seed: int = 0) -> CTRModel:
+    config = BLOCKS.get(block).config(**{k: v for k, v in SMALL_BLOCK.items()
+                                         if k in BLOCKS.get(block).config.model_fields})
+    torch.manual_seed(seed)
+    return build_model(EMBEDDINGS.get("per_field").config(**SMALL_EMBEDDING), config, PAIR_LAYOUT,
+                       interaction_config=INTERACTIONS.get(kind).config(**settings))
+
+
+def _pair_batch(n: int = B, seed: int = 1) -> FeatureBatch:
+    batch = _batch(PAIR_LAYOUT, n, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    batch.crosses = torch.stack([torch.randint(OOV_ID, c.rows, (n,), generator=g) for c in PAIR_LAYOUT.crosses], 1)
+    return batch
+
+
+def test_pair_cases_cover_every_registered_pair_layer() -> None:
+    assert {p.values[1] for p in PAIR_CASES} == set(INTERACTIONS.names())
+    assert {"mlp", "deepfm"} <= set(PAIR_BLOCKS) and "din" not in PAIR_BLOCKS
+
+
+@pytest.mark.parametrize(("block", "kind", "settings"), PAIR_CASES)
+def test_a_pair_layer_feeds_every_block_that_reads_field_vectors(block: str, kind: str, settings: dict[str, Any],
+                                                                 tmp_path: Path) -> None:
+    """Every registered pair layer with every block that takes pair vectors: one finite logit per row, gradients
+    reaching the pair tables, row-independent eval logits, and an identical reload of the saved weights."""
+    model = _pair_model(block, kind, settings)
+    assert model.interaction is not None
+    batch = _pair_batch()
+    model.train()
+    logits = model(batch)
+    assert logits.shape == (B,) and bool(torch.isfinite(logits).all())
+    F.binary_cross_entropy_with_logits(logits, batch.label).backward()
+    for table in model.interaction.table_parameters():
+        assert table.grad is not None and bool(table.grad.any()), "a pair table gets no gradient"
+    if model.interaction.extra_fields == 0:
+        assert settings.get("method") == "naive" and not model.interaction.table_parameters()
+    model.eval()
+    with torch.no_grad():
+        whole = model(batch)
+        alone = torch.cat([model(batch.select(slice(i, i + 1))) for i in range(B)])
+        torch.testing.assert_close(alone, whole, atol=1e-5, rtol=0)
+        save_weights(model, tmp_path / "pairs.safetensors")
+        fresh = _pair_model(block, kind, settings, seed=12345).eval()
+        if model.interaction.extra_fields:
+            assert not torch.equal(fresh(batch), whole), "the fresh model already scores alike: vacuous check"
+        load_weights(fresh, tmp_path / "pairs.safetensors")
+        torch.testing.assert_close(fresh(batch), whole, atol=1e-6, rtol=0)

@@ -1,4 +1,4 @@
-"""OptInter (Lyu et al., ICDE 2022, "Memorize, Factorize, or be Naive: Learning Optimal Feature Interaction Methods
+"""OptInter (Lyu et al. 2022, ICDE, "Memorize, Factorize, or be Naive: Learning Optimal Feature Interaction Methods
 for CTR Prediction"): per pair of fields, a search over three interaction methods (stages in
 :mod:`ctrlab.search.optinter`).
 
@@ -81,7 +81,8 @@ class OptInterConfig(Section):
 
 @INTERACTIONS.register("optinter", OptInterConfig)
 def decided_pairs(config: OptInterConfig, layout: FeatureLayout, dim: int, init_std: float) -> PairVectors:
-    """The final model's pair layer: the methods the search decided, as the processor's layout carries them."""
+    """The final model's pair layer (Lyu et al. 2022, Section III-E): the methods the search decided, as the
+    processor's layout carries them."""
     undecided = [cross.name for cross in layout.crosses if cross.method is None]
     if undecided:
         raise RecipeError(f"interaction.kind optinter: pairs {', '.join(undecided[:5])} are not decided yet; the "

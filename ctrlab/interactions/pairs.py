@@ -1,5 +1,5 @@
-"""``interaction.kind: pairs``: one method for every candidate pair (the uniform architectures OptInter is measured
-against: all-memorise, all-factorise, all-naive)."""
+"""``interaction.kind: pairs``: one method for every candidate pair (the uniform architectures OptInter, Lyu et al.
+2022, is measured against: all-memorise, all-factorise, all-naive)."""
 
 from __future__ import annotations
 
@@ -24,5 +24,6 @@ class UniformPairsConfig(Section):
 
 @INTERACTIONS.register("pairs", UniformPairsConfig)
 def uniform_pairs(config: UniformPairsConfig, layout: FeatureLayout, dim: int, init_std: float) -> PairVectors:
-    """:class:`~ctrlab.interactions.base.PairVectors` with ``config.method`` for every cross."""
+    """:class:`~ctrlab.interactions.base.PairVectors` with ``config.method`` for every cross (Lyu et al. 2022,
+    Section III-B: memorised, factorised or naive pairs)."""
     return PairVectors(layout, dim, init_std, [config.method] * len(layout.crosses))
