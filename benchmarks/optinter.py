@@ -30,7 +30,8 @@ pair-layer parameters than all-memorise. On Frappe (3 seeds) the same AUC and pa
 training samples/s at least half of DeepFM's (medians over the final training's epochs, same machine and threads).
 
 ``--rows`` (synthetic), ``--epochs`` (a cap on ``train.epochs``), ``--search-epochs`` and ``--set KEY=VALUE``
-(any dotted recipe override, e.g. ``--set interaction.arch_lr=1e-2``) become part of a record's identity.
+(any dotted recipe override, e.g. ``--set interaction.arch_lr=1e-2``) become part of a record's identity, and so
+does the recipe file's digest: editing a suite's recipe leaves its old records out of the report and the plan.
 """
 
 from __future__ import annotations
@@ -66,7 +67,16 @@ MEMORIZED_TARGET = 0.80
 
 
 def results_file(path: Path) -> ResultsFile:
-    return ResultsFile(path, ("suite", "variant", "seed", "settings"), lock="optinter")
+    return ResultsFile(path, ("suite", "variant", "seed", "settings", "recipe"), lock="optinter")
+
+
+def recipe_digest(suite: str, variant: str) -> str:
+    """The suite's recipe file (and for deepfm its own) as read now: a record measured with another version of the
+    recipe is not this piece."""
+    import hashlib
+
+    name = "frappe_deepfm.yaml" if variant == "deepfm" else RECIPES[suite]
+    return hashlib.sha1((REPO / "recipes" / name).read_bytes()).hexdigest()[:12]
 
 
 # ------------------------------------------------------------------------------------------------ recipes
@@ -157,7 +167,8 @@ def run_piece(args: argparse.Namespace) -> None:
 
     suite, variant, seed = args.suite, args.variant, args.seed
     settings = settings_of(args)
-    record_id = {"suite": suite, "variant": variant, "seed": seed, "settings": settings}
+    record_id = {"suite": suite, "variant": variant, "seed": seed, "settings": settings,
+                 "recipe": recipe_digest(suite, variant)}
     results = results_file(args.results)
     if not args.force and results.find(results.key(record_id)) is not None:
         print(f"{run_name(suite, variant, seed, settings)}: recorded already (--force to run again)")
@@ -243,9 +254,14 @@ def report(args: argparse.Namespace) -> None:
     records = results_file(args.results).load()
     print(f"OptInter benchmark, printed {dt.date.today().isoformat()}; {len(records)} recorded pieces from "
           f"{args.results}\n")
+    current = {(s, v): recipe_digest(s, v) for s in RECIPES for v in VARIANTS if v != "deepfm" or s == "frappe"}
+    stale = [r for r in records if current.get((r["suite"], r["variant"])) != r.get("recipe")]
+    if stale:
+        print(f"({len(stale)} records measured with another version of their recipe are left out)\n")
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in records:
-        groups.setdefault((r["suite"], json.dumps(r["settings"], sort_keys=True)), []).append(r)
+        if r not in stale:
+            groups.setdefault((r["suite"], json.dumps(r["settings"], sort_keys=True)), []).append(r)
     for (suite, settings), rows in sorted(groups.items()):
         print(f"### {suite}, settings {settings}\n")
         seeds = sorted({r["seed"] for r in rows})
@@ -335,7 +351,8 @@ def plan(args: argparse.Namespace) -> None:
         for seed in seeds:
             chain = []
             for variant in variants:
-                key = results.key({"suite": suite, "variant": variant, "seed": seed, "settings": {}})
+                key = results.key({"suite": suite, "variant": variant, "seed": seed, "settings": {},
+                                   "recipe": recipe_digest(suite, variant)})
                 if not args.commands:
                     print(f"{'done   ' if key in done else 'missing'}  {suite} {variant} seed {seed}")
                 elif key not in done:
