@@ -632,3 +632,27 @@ def test_a_served_optinter_model_scores_as_in_process_unseen_crosses_included(ru
         status, reply = server.predict_records(rows.to_dicts())
         assert status == 200
         np.testing.assert_allclose([p["probability"] for p in reply["predictions"]], in_process, rtol=0, atol=1e-6)
+
+
+def test_a_feature_set_search_then_a_pair_search_chain_and_serve(tmp_path: Path) -> None:
+    """OptFS then OptInter in one run: the pair search sees the kept feature set, the final model has the decided
+    pair layer, the dense part OptFS rewinds starts afresh where the pair vectors changed its shape (said in the
+    summary), and the run reloads to its own predictions."""
+    recipe = _recipe(tmp_path, "both", OPTINTER)
+    raw = recipe.model_dump(mode="json")
+    raw["gate"] = {"kind": "optfs", "search_epochs": 1, "rewind_epoch": 1, "sparsity_weight": 1e-4}
+    both = validate_recipe(raw)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CTRLAB_CACHE_DIR", str(tmp_path / "cache"))
+        result = train_recipe(both, console=QUIET)
+    metrics = result.metrics
+    assert {"feature_search", "interaction_search"} <= set(metrics)
+    assert (result.output_dir / "feature_search" / "kept_values.json").is_file()
+    layout = _processor_layout(result.output_dir)
+    assert all(c.method in ("memorize", "factorize") for c in layout.crosses)
+    assert len(layout.crosses) == metrics["interaction_search"]["pairs"] - metrics["interaction_search"]["pairs_naive"]
+    rewind = metrics["feature_search"]["rewind"]
+    assert rewind["embedding"] == "rewound rows"
+    if layout.crosses:
+        assert "block.mlp.0.weight" in rewind["initial values (shape changed by a later search)"]
+    reload_matches_saved_predictions(result.output_dir, both)

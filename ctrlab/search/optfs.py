@@ -260,10 +260,15 @@ class OptFSOutcome(SearchOutcome):
             raise DataError(f"{REWIND_FILE}: the rewound weights do not fit this recipe's model (missing {missing}, "
                             f"unexpected {unexpected}); {advice}")
         target = model.state_dict()
+        fresh: list[str] = []
         with torch.no_grad():
             for key, value in source.state_dict().items():
                 if key in target and not key.startswith(EMBEDDING_PARTS + ("gate.",)):
-                    target[key].copy_(value)
+                    # A later search (a pair layer) may have changed a dense part's shape: it starts afresh.
+                    if target[key].shape == value.shape:
+                        target[key].copy_(value)
+                    else:
+                        fresh.append(key)
             tables: dict[str, str] = {}
             for part in ("embedding", "linear"):
                 module: FeatureEmbedding | None = getattr(model, part)
@@ -271,6 +276,8 @@ class OptFSOutcome(SearchOutcome):
                 if module is not None and origin is not None:
                     copied = module.load_kept_rows(origin, self.kept)
                     tables[part] = "rewound rows" if copied else "initial values"
+        if fresh:
+            tables["initial values (shape changed by a later search)"] = ", ".join(fresh)
         self.summary["rewind"] = tables
 
 
