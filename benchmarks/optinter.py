@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import shlex
 import shutil
 import statistics
@@ -147,14 +148,15 @@ def random_source(optinter_dir: Path, target: Path, seed: int) -> dict[str, str]
     return shuffled
 
 
-def ensure_ranking(out: Path, recipe_path: Path, threads: int) -> Path:
+def ensure_ranking(out: Path, recipe_path: Path, threads: int, data_dir: str) -> Path:
     """The Criteo sample's ``pairs.csv`` (``ctrlab rank`` into ``out/criteo_rank`` once)."""
     target = out / "criteo_rank"
     if not (target / "pairs.csv").is_file():
         import subprocess
 
         subprocess.run([sys.executable, "-m", "ctrlab", "rank", str(recipe_path), "--output", str(target),
-                        "--no-track", f"train.num_threads={threads}"], check=True, cwd=REPO)
+                        "--no-track", f"dataset.data_dir={data_dir}", f"train.num_threads={threads}"], check=True,
+                       cwd=REPO)
     return target / "pairs.csv"
 
 
@@ -182,7 +184,8 @@ def run_piece(args: argparse.Namespace) -> None:
     if suite == "criteo":
         crosses = recipe["features"]["crosses"]
         crosses["ranking"] = {**crosses["ranking"],
-                              "path": str(ensure_ranking(args.out, REPO / "recipes" / RECIPES[suite], args.threads))}
+                              "path": str(ensure_ranking(args.out, REPO / "recipes" / RECIPES[suite], args.threads,
+                                                              args.data_dir))}
     random_choices = None
     if variant == "random":
         source = args.out / run_name(suite, "optinter", seed, settings)
@@ -199,7 +202,7 @@ def run_piece(args: argparse.Namespace) -> None:
     if "train.epochs" in settings:
         recipe["train"]["epochs"] = min(int(settings["train.epochs"]), int(recipe["train"].get("epochs", 1)))
     started = time.perf_counter()
-    result = train_recipe(validate_recipe(recipe, name), overwrite=True)
+    result = train_recipe(validate_recipe(recipe, name), data_dir=args.data_dir, overwrite=True)
     metrics = result.metrics
     run_dir = result.output_dir
     speeds = [h["samples_per_second"] for h in metrics["history"] if h.get("samples_per_second")]
@@ -377,6 +380,9 @@ def main() -> None:
     run.add_argument("--search-epochs", type=int)
     run.add_argument("--set", action="append", help="KEY=VALUE recipe override (repeatable)")
     run.add_argument("--threads", type=int, default=1)
+    data = os.environ.get("CTRLAB_DATA_DIR") or str(REPO.parent / "shared" / "datasets")
+    run.add_argument("--data-dir", default=data,
+                     help="where the dataset cards' files are (default $CTRLAB_DATA_DIR, else ../shared/datasets)")
     run.add_argument("--out", type=Path, default=OUT)
     run.add_argument("--force", action="store_true")
     run.add_argument("--quiet", action="store_true")
