@@ -31,7 +31,8 @@ training samples/s at least half of DeepFM's (medians over the final training's 
 
 ``--rows`` (synthetic), ``--epochs`` (a cap on ``train.epochs``), ``--search-epochs`` and ``--set KEY=VALUE``
 (any dotted recipe override, e.g. ``--set interaction.arch_lr=1e-2``) become part of a record's identity, and so
-does the recipe file's digest: editing a suite's recipe leaves its old records out of the report and the plan.
+does the digest of the recipe the piece runs: editing a suite's recipe leaves the records it changes out of the
+report and the plan.
 """
 
 from __future__ import annotations
@@ -72,12 +73,13 @@ def results_file(path: Path) -> ResultsFile:
 
 
 def recipe_digest(suite: str, variant: str) -> str:
-    """The suite's recipe file (and for deepfm its own) as read now: a record measured with another version of the
-    recipe is not this piece."""
+    """The piece's recipe as it runs (the suite's recipe with the variant's pair layer; name, seed and output left
+    out): a record measured with another recipe is not this piece, and a change that only touches OptInter's
+    settings leaves the uniform variants' records valid."""
     import hashlib
 
-    name = "frappe_deepfm.yaml" if variant == "deepfm" else RECIPES[suite]
-    return hashlib.sha1((REPO / "recipes" / name).read_bytes()).hexdigest()[:12]
+    recipe = {k: v for k, v in recipe_for(suite, variant).items() if k not in ("name", "seed", "output_dir")}
+    return hashlib.sha1(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 # ------------------------------------------------------------------------------------------------ recipes
@@ -110,7 +112,7 @@ def run_name(suite: str, variant: str, seed: int, settings: dict[str, Any]) -> s
     return f"{suite}_{variant}_s{seed}{suffix}"
 
 
-def recipe_for(suite: str, variant: str, seed: int) -> dict[str, Any]:
+def recipe_for(suite: str, variant: str) -> dict[str, Any]:
     """The piece's recipe before overrides: the suite's, with the variant's pair layer."""
     if variant == "deepfm":
         if suite != "frappe":
@@ -177,7 +179,7 @@ def run_piece(args: argparse.Namespace) -> None:
         return
     torch.set_num_threads(args.threads)
     name = run_name(suite, variant, seed, settings)
-    recipe = recipe_for(suite, variant, seed)
+    recipe = recipe_for(suite, variant)
     recipe.update({"name": name, "seed": seed, "output_dir": str(args.out / name)})
     recipe["tracking"] = {"enabled": False}
     recipe.setdefault("train", {}).update({"progress": not args.quiet, "num_threads": args.threads})
