@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import csv
 import itertools
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -185,28 +186,32 @@ def fit_crosses(features: FeaturesConfig, categorical: np.ndarray, names: list[s
 
 
 PAIR_METHODS = ("memorize", "factorize", "naive")
+"""How the model may use a pair (OptInter's three methods): the one list every part that names them reads."""
 
 
-def choose_methods(crosses: list[CrossVocabulary], choices: dict[str, str]) -> list[CrossVocabulary]:
-    """The crosses with their decided methods (``choices``: every cross's name -> ``memorize``, ``factorize`` or
-    ``naive``); naive pairs are left out. A choice for an unknown pair, a missing one or an unknown method is a
-    ``ValueError`` naming it."""
-    names = [cross.name for cross in crosses]
+def check_methods(methods: Iterable[object]) -> None:
+    """A ``ValueError`` naming the first method (sorted) that is not one of :data:`PAIR_METHODS`."""
+    bad = sorted({str(m) for m in methods if m not in PAIR_METHODS})
+    if bad:
+        raise ValueError(f"pair method {bad[0]!r} is not one of {', '.join(PAIR_METHODS)}")
+
+
+def check_choices(names: list[str], choices: dict[str, object]) -> None:
+    """``choices`` must decide exactly the crosses ``names`` (in layout order), each with a method of
+    :data:`PAIR_METHODS`; otherwise a ``ValueError`` naming the unknown, missing or wrong entries."""
     unknown = sorted(set(choices) - set(names))
     missing = [name for name in names if name not in choices]
     if unknown or missing:
         raise ValueError(f"pair choices name {', '.join(unknown) or 'no unknown pair'} and miss "
                          f"{', '.join(missing) or 'no pair'} (the features' crosses: {', '.join(names)})")
-    bad = sorted({m for m in choices.values() if m not in PAIR_METHODS})
-    if bad:
-        raise ValueError(f"pair method {bad[0]!r} is not one of {', '.join(PAIR_METHODS)}")
-    chosen = []
-    for cross in crosses:
-        if choices[cross.name] != "naive":
-            decided = CrossVocabulary(cross.first, cross.second, cross.second_size, cross.rows, cross.keys,
-                                      cross.index, cross.seen, cross.kept, choices[cross.name])
-            chosen.append(decided)
-    return chosen
+    check_methods(choices.values())
+
+
+def choose_methods(crosses: list[CrossVocabulary], choices: dict[str, str]) -> list[CrossVocabulary]:
+    """The crosses with their decided methods (``choices``: every cross's name -> ``memorize``, ``factorize`` or
+    ``naive``); naive pairs are left out. Choices that :func:`check_choices` refuses are a ``ValueError``."""
+    check_choices([cross.name for cross in crosses], dict(choices))
+    return [replace(cross, method=choices[cross.name]) for cross in crosses if choices[cross.name] != "naive"]
 
 
 def encode_crosses(crosses: list[CrossVocabulary], categorical: np.ndarray, names: list[str]) -> np.ndarray:

@@ -8,12 +8,13 @@ import torch
 from torch import nn
 
 from ctrlab.data.batches import FeatureBatch
+from ctrlab.data.crosses import PAIR_METHODS, check_methods
 from ctrlab.data.layout import FeatureLayout
 from ctrlab.embeddings.base import EmbeddingOutput
 from ctrlab.layers.tables import ConcatenatedTables
 
-MEMORIZE, FACTORIZE, NAIVE = "memorize", "factorize", "naive"
-METHODS = (MEMORIZE, FACTORIZE, NAIVE)
+METHODS = PAIR_METHODS
+MEMORIZE, FACTORIZE, NAIVE = METHODS
 
 
 class PairInteraction(nn.Module):
@@ -66,9 +67,7 @@ class PairVectors(PairInteraction):
         super().__init__()
         if len(methods) != len(layout.crosses):
             raise ValueError(f"{len(methods)} pair methods for {len(layout.crosses)} crosses")
-        unknown = sorted({m for m in methods if m not in METHODS})
-        if unknown:
-            raise ValueError(f"pair method {unknown[0]!r} is not one of {', '.join(METHODS)}")
+        check_methods(methods)
         self.dim = dim
         self.methods = list(methods)
         memorized = [i for i, m in enumerate(methods) if m == MEMORIZE]

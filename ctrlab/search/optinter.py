@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ctrlab.data.crosses import check_choices
 from ctrlab.data.layout import FeatureLayout
 from ctrlab.errors import DataError
 from ctrlab.interactions.base import MEMORIZE, METHODS, NAIVE
@@ -82,15 +83,11 @@ class PairChoices:
     @staticmethod
     def load(path: Path, layout: FeatureLayout) -> dict[str, str]:
         """The choices saved in ``path``, checked against ``layout``'s crosses (the undecided candidates)."""
-        names = {cross.name for cross in layout.crosses}
         try:
             choices = json.loads(path.read_text(encoding="utf-8"))["choices"]
-            if not isinstance(choices, dict) or set(choices) != names:
-                raise ValueError(f"it decides pairs {sorted(choices)[:6]}, the features' crosses are "
-                                 f"{sorted(names)[:6]}")
-            bad = sorted({str(m) for m in choices.values() if m not in METHODS})
-            if bad:
-                raise ValueError(f"method {bad[0]!r} is not one of {', '.join(METHODS)}")
+            if not isinstance(choices, dict):
+                raise ValueError("its choices are not a mapping of pair to method")
+            check_choices([cross.name for cross in layout.crosses], choices)
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise DataError(f"{path}: not pair choices for this recipe's crosses ({error})") from None
         return {str(k): str(v) for k, v in choices.items()}
