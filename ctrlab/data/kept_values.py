@@ -87,7 +87,7 @@ class KeptValues:
         for spec in layout.sequence:
             ids = split.sequences[spec.name]
             sequences[spec.name] = maps[spec.table][ids] if spec.table in maps else ids
-        return EncodedSplit(categorical, numeric, sequences, split.label, split.group, split.crosses)
+        return replace(split, categorical=categorical, numeric=numeric, sequences=sequences)
 
     def apply_to_batch(self, batch: FeatureBatch, layout: FeatureLayout) -> FeatureBatch:
         """:meth:`apply` for a split already held as tensors (same devices and dtypes out as in)."""
@@ -97,9 +97,9 @@ class KeptValues:
         def back(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
             return torch.from_numpy(array).to(device=like.device, dtype=like.dtype)
 
-        return FeatureBatch(back(encoded.categorical, batch.categorical), back(encoded.numeric, batch.numeric),
-                            {k: back(encoded.sequences[k], v) for k, v in batch.sequences.items()},
-                            batch.label, batch.group, batch.crosses)
+        return replace(batch, categorical=back(encoded.categorical, batch.categorical),
+                       numeric=back(encoded.numeric, batch.numeric),
+                       sequences={k: back(encoded.sequences[k], v) for k, v in batch.sequences.items()})
 
     # ----------------------------------------------------------------------------------------- persistence
     def to_dict(self) -> dict[str, Any]:

@@ -249,9 +249,9 @@ class FeatureProcessor:
             self.numeric_stats[num.name] = self._fit_numeric(num, numeric_values)
         self.fitted = True
         if self.features.crosses is not None:
-            categorical = self.full_layout.categorical
-            self.crosses = fit_crosses(self.features, self._categorical_ids(frame, numeric),
-                                       [f.name for f in categorical], [f.vocab_size for f in categorical])
+            sizes = [f.vocab_size for f in self.full_layout.categorical]
+            self.crosses = fit_crosses(self.features, self._categorical_ids(frame, numeric), self.features.pairable(),
+                                       sizes)
         return self
 
     @staticmethod
@@ -367,17 +367,16 @@ class FeatureProcessor:
         if self.group_by is not None and self.group_by in frame.columns:
             group = frame.get_column(self.group_by).cast(pl.String).fill_null(NULL_TOKEN).rank("dense").to_numpy()
             group = group.astype(np.int64)
-        layout = self.full_layout
         encoded = EncodedSplit(
             categorical=categorical,
             numeric=np.ascontiguousarray(np.stack(numeric, axis=1) if numeric else np.zeros((n, 0), np.float32)),
             sequences=sequences,
             label=self._labels(frame, source) if with_label else None,
             group=group,
-            crosses=(encode_crosses(self.crosses, categorical, [f.name for f in layout.categorical]) if self.crosses
-                     else None),
+            # the categorical columns are the pairable fields, in that order
+            crosses=encode_crosses(self.crosses, categorical, self.features.pairable()) if self.crosses else None,
         )
-        return self.kept.apply(encoded, layout) if self.kept is not None else encoded
+        return self.kept.apply(encoded, self.full_layout) if self.kept is not None else encoded
 
     def _categorical_ids(self, frame: pl.DataFrame, numeric: list[np.ndarray]) -> np.ndarray:
         """``[N, Fc]`` int32 ids of the categorical fields in layout order: vocabulary ids, then the bucket ids of

@@ -131,7 +131,7 @@ class Trainer:
         self.model.train()
         self._count_rows(data)
         if data.group is not None:  # group ids matter for evaluation only; don't shuffle them every epoch
-            data = FeatureBatch(data.categorical, data.numeric, data.sequences, data.label, crosses=data.crosses)
+            data = dataclasses.replace(data, group=None)
         iterator = BatchIterator(data, self.config.batch_size, shuffle=True, generator=self.generator)
         task = progress.add_task("train", total=len(iterator)) if progress is not None else None
         total = torch.zeros((), device=self.device)
