@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,6 +16,12 @@ from ctrlab.layers.tables import ConcatenatedTables
 
 METHODS = PAIR_METHODS
 MEMORIZE, FACTORIZE, NAIVE = METHODS
+
+
+def decided(config: Any | None, layout: FeatureLayout) -> bool:
+    """Whether the pair layer ``config`` describes can be built for ``layout``: a fixed kind always, a searching
+    kind (one that lists ``stages``) once every cross of the layout has its method."""
+    return config is not None and (not hasattr(config, "stages") or all(c.method for c in layout.crosses))
 
 
 class PairInteraction(nn.Module):

@@ -40,6 +40,7 @@ from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.layout import FeatureLayout
 from ctrlab.data.processor import FeatureProcessor
 from ctrlab.errors import DataError, RecipeError
+from ctrlab.interactions.base import decided
 from ctrlab.models.ctr_model import CTRModel, build_model
 from ctrlab.registry import PackageRegistry
 from ctrlab.run_dir import seed_everything
@@ -160,9 +161,8 @@ class SearchContext:
         the pair search sees the model without pair vectors."""
         seed_everything(self.recipe.seed)
         config = self.recipe.interaction
-        decided = config is not None and (not is_searching(config) or all(c.method for c in layout.crosses))
         return build_model(self.recipe.embedding, self.recipe.model, layout, main_embedding, gate,
-                           interaction_config=config if decided and interaction is None else None,
+                           interaction_config=config if decided(config, layout) and interaction is None else None,
                            interaction=interaction)
 
     def load_network(self, model: CTRModel, path: Path) -> None:

@@ -304,12 +304,12 @@ def estimate_model(embedding: Any, model_config: Any, layout: FeatureLayout, bat
 def _estimated_pair_layer(recipe: Recipe, layout: FeatureLayout) -> Any | None:
     """The pair layer to estimate: the recipe's, or, for a pair search whose pairs are undecided, every pair
     memorised (the search's largest part: its mixture holds those tables and, besides, the factor tables)."""
-    config = recipe.interaction
-    if config is None or not layout.crosses or all(cross.method for cross in layout.crosses) or \
-            not hasattr(config, "stages"):
-        return config
     from ctrlab.interactions import INTERACTIONS
+    from ctrlab.interactions.base import decided
 
+    config = recipe.interaction
+    if config is None or decided(config, layout):
+        return config
     return INTERACTIONS.get("pairs").config(method="memorize")
 
 
