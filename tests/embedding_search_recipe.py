@@ -80,3 +80,24 @@ def reload_matches_saved_predictions(run_dir: Path, recipe: Any) -> None:
     saved = pl.read_parquet(run_dir / "test_predictions.parquet")["probability"].to_numpy()
     assert again.dtype == saved.dtype == np.float64
     assert np.array_equal(again, saved)
+
+
+def three_epochs_under_plateau(model: Any, hooks: Any, temperature: Any, train: FeatureBatch,
+                               valid: FeatureBatch) -> list[tuple[int, float, float, float]]:
+    """Train ``model`` with a search's ``hooks`` for 3 epochs under ``lr_on_plateau`` (factor 0.5, model lr 0.01)
+    where only epoch 1 counts as improving; per epoch ``(epoch, temperature(), the model's lr, the lr of the hooks'
+    first parameter group)``."""
+    from rich.console import Console
+
+    from ctrlab.config.train import TrainConfig
+    from ctrlab.train.trainer import Trainer
+
+    config = TrainConfig(progress=False, device="cpu", batch_size=8, epochs=3, lr_on_plateau={"factor": 0.5},
+                         optimizer={"lr": 0.01})
+    seen: list[tuple[int, float, float, float]] = []
+    trainer = Trainer(model, config, torch.device("cpu"), hooks=hooks, console=Console(quiet=True),
+                      callbacks=[lambda r: seen.append((r.epoch, temperature(), trainer.optimizers.lr,
+                                                        trainer.optimizers.groups[0][1].param_groups[0]["lr"]))])
+    trainer._improved = lambda value, best: best is None  # type: ignore[method-assign]  # only epoch 1 improves
+    trainer.fit(train, valid)
+    return seen

@@ -42,6 +42,7 @@ from embedding_search_recipe import (
     embedding_floats,
     reload_matches_saved_predictions,
     synthetic_recipe,
+    three_epochs_under_plateau,
     tiny_batch,
 )
 
@@ -229,15 +230,9 @@ def test_gates_get_their_own_adam_without_weight_decay_and_the_loss_the_sparsity
 def test_before_each_epoch_the_temperature_is_set_and_a_plateau_leaves_gate_lr_alone() -> None:
     model, config = _gated_model(seed=2, search_epochs=3, final_temperature=100.0, gate_lr=0.02)
     gate = model.gate
-    train = TrainConfig(progress=False, device="cpu", batch_size=8, epochs=3, lr_on_plateau={"factor": 0.5},
-                        optimizer={"lr": 0.01})
-    seen: list[tuple[int, float, float, float]] = []
-    trainer = Trainer(model, train, torch.device("cpu"), hooks=search_hooks(gate, config), console=QUIET,
-                      callbacks=[lambda r: seen.append((r.epoch, gate.temperature, trainer.optimizers.lr,
-                                                        trainer.optimizers.groups[0][1].param_groups[0]["lr"]))])
-    trainer._improved = lambda value, best: best is None  # type: ignore[method-assign]  # only epoch 1 improves
     before = gate.logits.detach().clone()
-    trainer.fit(tiny_batch(32, seed=1), tiny_batch(16, seed=2))
+    seen = three_epochs_under_plateau(model, search_hooks(gate, config), lambda: gate.temperature,
+                                      tiny_batch(32, seed=1), tiny_batch(16, seed=2))
     assert [s[0] for s in seen] == [1, 2, 3]
     assert [s[1] for s in seen] == pytest.approx([1.0, 10.0, 100.0])  # 100 ** ((epoch - 1) / 2)
     # the model's lr halves after epochs 1 and 2... (no improvement at epochs 2 and 3), the gates' never

@@ -41,7 +41,7 @@ from ctrlab.search.optinter import search_hooks
 from ctrlab.train.optim import build_optimizers
 from ctrlab.train.run import seed_everything, train_recipe
 from ctrlab.train.trainer import Trainer
-from embedding_search_recipe import reload_matches_saved_predictions, synthetic_recipe
+from embedding_search_recipe import reload_matches_saved_predictions, synthetic_recipe, three_epochs_under_plateau
 
 QUIET = Console(quiet=True)
 D = 4
@@ -232,15 +232,9 @@ def test_before_each_epoch_the_temperature_is_set_and_a_plateau_leaves_arch_lr_a
     model = _mixture_model(seed=2)
     mixture = model.interaction
     config = OptInterConfig(search_epochs=3, initial_temperature=1.0, final_temperature=0.01, arch_lr=0.02)
-    train = TrainConfig(progress=False, device="cpu", batch_size=8, epochs=3, lr_on_plateau={"factor": 0.5},
-                        optimizer={"lr": 0.01})
-    seen: list[tuple[int, float, float, float]] = []
-    trainer = Trainer(model, train, torch.device("cpu"), hooks=search_hooks(mixture, config), console=QUIET,
-                      callbacks=[lambda r: seen.append((r.epoch, mixture.temperature, trainer.optimizers.lr,
-                                                        trainer.optimizers.groups[0][1].param_groups[0]["lr"]))])
-    trainer._improved = lambda value, best: best is None  # type: ignore[method-assign]  # only epoch 1 improves
     before = mixture.alpha.detach().clone()
-    trainer.fit(_batch(32, seed=1), _batch(16, seed=2))
+    seen = three_epochs_under_plateau(model, search_hooks(mixture, config), lambda: mixture.temperature,
+                                      _batch(32, seed=1), _batch(16, seed=2))
     assert [s[0] for s in seen] == [1, 2, 3]
     assert [s[1] for s in seen] == pytest.approx([1.0, 0.1, 0.01])
     assert [s[2] for s in seen] == pytest.approx([0.01, 0.005, 0.0025])  # the model's lr halves
