@@ -28,3 +28,11 @@ class DataError(CtrlabError):
 
 class TrainingDiverged(CtrlabError):
     """The loss became NaN or infinite; the message suggests what to change in the recipe."""
+
+
+class StoppedByRankZero(CtrlabError):
+    """A training process other than rank 0 stops because rank 0 met a user error, which rank 0 reports; this one
+    exits with the same status and says nothing (one line for the run, not one per process)."""
+
+    def __init__(self) -> None:
+        super().__init__("")

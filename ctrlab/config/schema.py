@@ -15,6 +15,7 @@ from ctrlab.blocks import BLOCKS
 from ctrlab.blocks.base import BlockConfigBase
 from ctrlab.config.base import MAX_SEED, Int, Section
 from ctrlab.config.dataset import DatasetConfig
+from ctrlab.config.distributed import DistributedConfig
 from ctrlab.config.features import FeaturesConfig
 from ctrlab.config.sweep import SweepConfig
 from ctrlab.config.tracking import TrackingConfig
@@ -74,6 +75,7 @@ class Recipe(Section):
         None, description="a pair layer between the gate and the block over features.crosses: kind pairs (one "
         "method for every pair) or optinter (searched per pair; stages run before the final training)")
     train: TrainConfig = TrainConfig()
+    distributed: DistributedConfig = DistributedConfig()
     tracking: TrackingConfig = TrackingConfig()
     sweep: SweepConfig | None = None
 
@@ -90,4 +92,11 @@ class Recipe(Section):
         if self.interaction is not None and self.features.crosses is None:
             raise ValueError("interaction: the pair layer needs candidate pairs; add features.crosses (e.g. "
                              "crosses: {pairs: all})")
+        return self
+
+    @model_validator(mode="after")
+    def _sharding_needs_torchrec(self) -> Recipe:
+        if self.distributed.sharding != "none" and getattr(self.embedding, "backend", None) != "torchrec":
+            raise ValueError(f"distributed.sharding: {self.distributed.sharding} places torchrec tables; set "
+                             "embedding.backend: torchrec (per_field embedding) or distributed.sharding: none")
         return self

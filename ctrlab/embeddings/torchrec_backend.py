@@ -81,7 +81,6 @@ class TorchrecEmbedding(FeatureEmbedding):
     """
 
     # Buffers, declared for the type checker (``nn.Module.__getattr__`` is typed ``Tensor | Module``).
-    _order: torch.Tensor
     categorical_offsets: torch.Tensor
 
     def __init__(self, config: PerFieldConfig, layout: FeatureLayout, dim: int | None = None) -> None:
@@ -123,13 +122,11 @@ class TorchrecEmbedding(FeatureEmbedding):
             for bag in self.ebc.embedding_bags.values():
                 bag.sparse = self.sparse  # nn.EmbeddingBag passes its flag to F.embedding_bag on every call
 
-        # The KJT's keys: categorical fields then sequences (the order FeatureBatch holds them in); the EBC
-        # returns one pooled vector per feature in its own (table-major) order, permuted back here.
+        # The KJT's keys: categorical fields then sequences (the order FeatureBatch holds them in). The EBC returns
+        # one pooled vector per feature in its own order (table-major; a sharded EBC's depends on where the planner
+        # put each table), permuted back by the keys it reports (:meth:`_permutation`).
         self.kjt_keys = [f.name for f in layout.categorical] + [s.name for s in layout.sequence]
-        ebc_order = [name for table in self.tables for name in features[table]]
-        order = [ebc_order.index(name) for name in self.kjt_keys]
-        self._identity_order = order == list(range(len(order)))
-        self.register_buffer("_order", torch.tensor(order, dtype=torch.long), persistent=False)
+        self._orders: dict[tuple[str, ...], torch.Tensor | None] = {}
         offsets = [self.table_offsets[f.table] for f in layout.categorical]  # type: ignore[index]
         self.register_buffer("categorical_offsets", torch.tensor(offsets, dtype=torch.long), persistent=False)
         self.sequence_offsets = {s.name: self.table_offsets[s.table] for s in layout.sequence}  # type: ignore[index]
@@ -190,9 +187,11 @@ class TorchrecEmbedding(FeatureEmbedding):
         masks = {s.name: batch.sequences[s.name] > 0 for s in self.layout.sequence}
         pooled = None
         if self.ebc is not None:
-            pooled = self.ebc(self._features(batch, masks)).values().view(n, -1, self.dim)
-            if not self._identity_order:
-                pooled = pooled.index_select(1, self._order)
+            keyed = self.ebc(self._features(batch, masks))
+            pooled = keyed.values().view(n, -1, self.dim)
+            order = self._permutation(tuple(keyed.keys()), pooled.device)
+            if order is not None:
+                pooled = pooled.index_select(1, order)
         parts: list[torch.Tensor] = []
         if num_categorical:
             parts.append(pooled[:, :num_categorical])  # type: ignore[index]
@@ -213,6 +212,15 @@ class TorchrecEmbedding(FeatureEmbedding):
                 sequences[spec.name] = (vectors * mask.unsqueeze(-1), mask)
         fields = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return EmbeddingOutput(fields, sequences)
+
+    def _permutation(self, keys: tuple[str, ...], device: torch.device) -> torch.Tensor | None:
+        """The index that puts pooled vectors given in ``keys`` order into :attr:`kjt_keys` order (None: already
+        are); one small tensor per key order met."""
+        if keys not in self._orders:
+            order = [keys.index(name) for name in self.kjt_keys]
+            self._orders[keys] = (None if order == list(range(len(order)))
+                                  else torch.tensor(order, dtype=torch.long, device=device))
+        return self._orders[keys]
 
     # ------------------------------------------------------------------------------------------ regularisers
     def row_ids(self, batch: FeatureBatch) -> torch.Tensor:

@@ -4,6 +4,7 @@ the named parameter groups of a search (:class:`~ctrlab.train.hooks.ParameterGro
 from __future__ import annotations
 
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 import torch
@@ -68,10 +69,12 @@ class Optimizers:
 
 
 def build_optimizers(model: CTRModel, config: OptimizerConfig,
-                     parameter_groups: Sequence[ParameterGroup] = ()) -> Optimizers:
+                     parameter_groups: Sequence[ParameterGroup] = (), exclude: AbstractSet[int] = frozenset()
+                     ) -> Optimizers:
     """The model's optimisers for ``config`` and one optimiser per named group; the groups' parameters and every
     architecture parameter of the model are left out of the model's optimisers. An architecture parameter in no
-    group is a ``ValueError`` (it would silently never train)."""
+    group is a ``ValueError`` (it would silently never train). Parameters whose ``id`` is in ``exclude`` are
+    updated elsewhere (sharded tables under torchrec's fused optimiser) and left out of every optimiser here."""
     grouped = {id(p) for group in parameter_groups for p in group.params}
     orphans = [name for name, p in model.named_parameters()
                if id(p) in {id(a) for a in model.architecture_parameters()} and id(p) not in grouped]
@@ -83,7 +86,7 @@ def build_optimizers(model: CTRModel, config: OptimizerConfig,
     undecayed_tables: list[nn.Parameter] = []  # dense-gradient tables under the mini-batch aware L2
     sparse_params: list[nn.Parameter] = []
     # An architecture search (thresholds, significance weights, gates) optimises these with its own optimiser.
-    architecture = {id(p) for p in model.architecture_parameters()} | grouped
+    architecture = {id(p) for p in model.architecture_parameters()} | grouped | set(exclude)
     for module in model.embedding_modules():
         tables = set(map(id, module.table_parameters()))
         for param in module.parameters():

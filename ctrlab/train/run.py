@@ -24,8 +24,11 @@ output directory and its MLflow run is marked FAILED.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +44,10 @@ from ctrlab.config.schema import Recipe
 from ctrlab.config.train import TrainConfig
 from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.pipeline import TRUE_PROBABILITY_COLUMN, PreparedData, prepare_data
-from ctrlab.errors import DataError, RecipeError, TrainingDiverged
+from ctrlab.distributed.parallel import check_sharding, parallelize, sharding_plan
+from ctrlab.distributed.processes import SINGLE, Processes, process_group
+from ctrlab.distributed.shards import check_shards
+from ctrlab.errors import CtrlabError, DataError, RecipeError, StoppedByRankZero, TrainingDiverged
 from ctrlab.models import CTRModel, build_recipe_model
 from ctrlab.run_dir import (
     EMBEDDING_SEARCH_DIR,
@@ -57,7 +63,7 @@ from ctrlab.run_dir import (
     WEIGHTS_FILE,
     seed_everything,
 )
-from ctrlab.search.framework import SearchData, run_searches
+from ctrlab.search.framework import SearchData, run_searches, searching_sections
 from ctrlab.tracking import RunLogger, connect, learning_curve_figure, mlflow_run, system_tags
 from ctrlab.tracking.mlflow_tracker import redact_uri
 from ctrlab.train.device import resolve_device
@@ -65,7 +71,7 @@ from ctrlab.train.footprint import check_data_footprint, check_model_footprint
 from ctrlab.train.metrics import auc
 from ctrlab.train.state import TrainingStateFile, recipe_digest, state_path
 from ctrlab.train.trainer import EpochCallback, FitResult, Trainer
-from ctrlab.utils.checkpoint import save_weights
+from ctrlab.utils.checkpoint import save_state_dict
 from ctrlab.utils.io import atomic_path, remove_stale, write_json_atomic, write_text_atomic
 from ctrlab.utils.output_dir import OutputFolder
 
@@ -105,21 +111,77 @@ def train_recipe(recipe: Recipe, data_dir: str | Path | None = None, console: Co
 
     The output folder is checked before any work (:class:`~ctrlab.utils.output_dir.OutputFolder`): a folder that
     ctrlab did not make is never touched, and an earlier run of another recipe is replaced only with
-    ``overwrite``."""
-    console = console or Console(stderr=True)
+    ``overwrite``.
+
+    Under torchrun (``WORLD_SIZE`` > 1) this runs on every process: see :mod:`ctrlab.distributed`. Rank 0 alone
+    checks and writes the output folder, prints and logs to MLflow; it prepares the data first (filling the cache),
+    then the other ranks read it."""
+    device = resolve_device(recipe.train.device)
+    with process_group(recipe.distributed, device) as processes:
+        if not processes.is_main:
+            console = Console(stderr=True, quiet=True)
+            recipe = recipe.model_copy(update={"tracking": recipe.tracking.model_copy(update={"enabled": False})})
+        return _train_recipe(recipe, processes, processes.device(device), data_dir,
+                             console or Console(stderr=True), callbacks, parent_run_id, overwrite)
+
+
+def check_distributed(recipe: Recipe, processes: Processes, device: torch.device) -> None:
+    """What a run on several processes (or with sharded tables) cannot do yet, as one-line errors naming the key;
+    from the recipe alone, so before any data is read."""
+    sharded = recipe.distributed.sharding != "none"
+    if not (processes.distributed or sharded):
+        return
+    if sharded:
+        check_sharding(recipe.distributed, recipe.train, recipe.embedding, device)
+    what = f"{processes.world_size} processes" if processes.distributed else "distributed.sharding"
+    for section, _ in searching_sections(recipe):
+        raise RecipeError(f"{section}: searches run in one process (their architecture steps are not synchronised "
+                          f"across ranks), not with {what}; run the search alone, then retrain its outcome with "
+                          f"{section}.from_run and more processes")
+    if processes.distributed and not sharded and getattr(recipe.embedding, "sparse", False):
+        raise RecipeError("embedding.sparse: DistributedDataParallel averages dense gradients only; set "
+                          "embedding.sparse: false (or shard torchrec tables with distributed.sharding)")
+    if recipe.train.batch_size % processes.world_size:
+        raise RecipeError(f"train.batch_size: the global batch of {recipe.train.batch_size} rows does not split "
+                          f"evenly over {processes.world_size} processes; make it a multiple of {processes.world_size}")
+    if sharded and recipe.train.resume:
+        raise RecipeError("train.resume: the training state of sharded tables (and their fused optimiser) is not "
+                          "saved yet; set train.resume: false with distributed.sharding")
+
+
+def _train_recipe(recipe: Recipe, processes: Processes, device: torch.device, data_dir: str | Path | None,
+                  console: Console, callbacks: list[EpochCallback] | None, parent_run_id: str | None,
+                  overwrite: bool) -> RunResult:
     started = time.perf_counter()
+    check_distributed(recipe, processes, device)
     folder = output_folder(recipe, overwrite)
-    folder.check()
-    connect(recipe.tracking)
-    if recipe.train.resume:
-        state_file = state_path(folder.target)
-        remove_stale(state_file.parent, state_file.name)
+    if processes.is_main:
+        folder.check()
+        connect(recipe.tracking)
+        if recipe.train.resume:
+            state_file = state_path(folder.target)
+            remove_stale(state_file.parent, state_file.name)
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
-    device = resolve_device(recipe.train.device)
     check_data_footprint(recipe.dataset)  # before generating data whose size the recipe fixes
     seed_everything(recipe.seed)
-    data = prepare_data(recipe.dataset, recipe.features, recipe.seed, data_dir, console)
+    # Rank 0 prepares (and caches) the data first and checks it can feed every process; the others then read the
+    # cache, or stop quietly when rank 0 met an error (which it reports, once).
+    if processes.is_main:
+        try:
+            data = prepare_data(recipe.dataset, recipe.features, recipe.seed, data_dir, console)
+            for split, encoded in data.splits.items():
+                check_shards(split, len(encoded), processes.world_size,
+                             recipe.train.batch_size // processes.world_size if split == "train"
+                             else recipe.train.eval_batch_size)
+        except CtrlabError:
+            processes.broadcast(False)
+            raise
+        processes.broadcast(True)
+    else:
+        if not processes.broadcast(None):
+            raise StoppedByRankZero()
+        data = prepare_data(recipe.dataset, recipe.features, recipe.seed, data_dir, console)
     if data.group_by is None and ("gauc" in recipe.train.metrics or
                                   (recipe.train.early_stopping and recipe.train.early_stopping.monitor == "gauc")):
         raise RecipeError("train.metrics: gauc needs dataset.group_by (the column that groups rows, e.g. a user id)")
@@ -128,7 +190,9 @@ def train_recipe(recipe: Recipe, data_dir: str | Path | None = None, console: Co
     check_model_footprint(recipe, data.processor.layout, device)  # before allocating it, and before MLflow logs it
     sizes = {s: len(v) for s, v in data.splits.items()}
     console.print(f"data: train {sizes['train']:,}  valid {sizes['valid']:,}  test {sizes['test']:,} rows; "
-                  f"{data.processor.layout.num_fields} fields; device {device}", highlight=False, soft_wrap=True)
+                  f"{data.processor.layout.num_fields} fields; device {device}"
+                  + (f"; {processes.world_size} processes" if processes.distributed else ""),
+                  highlight=False, soft_wrap=True)
 
     with mlflow_run(recipe.tracking, experiment=recipe.tracking.experiment or recipe.name,
                     run_name=recipe.tracking.run_name or recipe.name, parent_run_id=parent_run_id) as tracker:
@@ -139,7 +203,7 @@ def train_recipe(recipe: Recipe, data_dir: str | Path | None = None, console: Co
             tracker.log_params(flatten(recipe_to_dict(recipe)))
         try:
             metrics, fit, output_dir = _train_and_save(recipe, data, device, console, callbacks, tracker, started,
-                                                       folder)
+                                                       folder, processes)
         except TrainingDiverged as error:
             culprit = large_numeric_input(data)
             if culprit is None:
@@ -147,21 +211,34 @@ def train_recipe(recipe: Recipe, data_dir: str | Path | None = None, console: Co
             raise TrainingDiverged(f"{error.message}; {culprit}") from None
         if tracker is not None:
             _log_results(tracker, metrics, fit, output_dir, recipe.tracking.log_artifacts)
-    _print_result(console, metrics, output_dir)
+    if processes.is_main:
+        _print_result(console, metrics, output_dir)
     return RunResult(output_dir, metrics, fit, recipe, tracker.run_id if tracker is not None else None)
+
+
+@contextlib.contextmanager
+def _build_folder(folder: OutputFolder, processes: Processes) -> Iterator[Path]:
+    """Rank 0 builds the output folder; the other ranks write what they must into a scratch folder, dropped."""
+    if processes.is_main:
+        with folder.build() as tmp:
+            yield tmp
+    else:
+        with tempfile.TemporaryDirectory(prefix=f"ctrlab-rank{processes.rank}-") as scratch:
+            yield Path(scratch)
 
 
 def _train_and_save(recipe: Recipe, data: PreparedData, device: torch.device, console: Console,
                     callbacks: list[EpochCallback] | None, tracker: RunLogger | None,
-                    started: float, folder: OutputFolder) -> tuple[dict[str, Any], FitResult, Path]:
-    """Build the model, fit, test and write the output directory (atomically)."""
+                    started: float, folder: OutputFolder, processes: Processes = SINGLE
+                    ) -> tuple[dict[str, Any], FitResult, Path]:
+    """Build the model, fit, test and write the output directory (atomically; on rank 0)."""
     sizes = {s: len(v) for s, v in data.splits.items()}
     searched = SearchData(data.processor, {s: FeatureBatch.from_encoded(v) for s, v in data.splits.items()})
     # The tracker logs each epoch before the caller's callbacks run (one of them may raise, e.g. a pruner).
     all_callbacks = ([tracker.log_epoch] if tracker is not None else []) + list(callbacks or [])
 
     output_dir = folder.target
-    with folder.build() as tmp:
+    with _build_folder(folder, processes) as tmp:
         write_text_atomic(tmp / RECIPE_FILE, yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
         search = run_searches(recipe, searched, device, console, tracker, tmp)
         searched.processor.save(tmp / PROCESSOR_FILE)  # as the searches left it (a kept feature set)
@@ -169,14 +246,20 @@ def _train_and_save(recipe: Recipe, data: PreparedData, device: torch.device, co
         seed_everything(recipe.seed)
         model = build_recipe_model(recipe, searched.layout)
         search.prepare_model(model)  # pruned, rewound
-        trainer = Trainer(model, recipe.train, device, seed=recipe.seed, console=console, callbacks=all_callbacks)
+        parallel = parallelize(model.to(device), processes, recipe.distributed, recipe.train, device)
+        if processes.distributed:
+            torch.manual_seed(recipe.seed + processes.rank)  # each rank its own dropout masks, after the shared init
+        trainer = Trainer(model, recipe.train, device, seed=recipe.seed, console=console, callbacks=all_callbacks,
+                          parallel=parallel)
         state = (TrainingStateFile(state_path(output_dir), recipe_digest(recipe_to_dict(recipe)))
                  if recipe.train.resume else None)
         if search.retrain:
             fit = trainer.fit(batches["train"], batches["valid"], checkpoint=tmp / WEIGHTS_FILE, state=state)
         else:  # the searched network, pruned, is the final model: evaluate only
             fit = FitResult()
-        save_weights(trainer.model, tmp / WEIGHTS_FILE)
+        weights = parallel.full_state_dict()  # a sharded model's tables gathered: serving loads it unsharded
+        if weights is not None:
+            save_state_dict(weights, tmp / WEIGHTS_FILE)
         valid_metrics, _ = trainer.evaluate(batches["valid"])
         test_metrics, test_probabilities = trainer.evaluate(batches["test"])
         metrics: dict[str, Any] = {
@@ -186,6 +269,8 @@ def _train_and_save(recipe: Recipe, data: PreparedData, device: torch.device, co
             "history": [r.as_dict() for r in fit.history],
             "mlflow_run_id": tracker.run_id if tracker is not None else None,
             **embedding_size(trainer.model),
+            **({"processes": processes.world_size} if processes.distributed else {}),
+            **({"sharding": sharding_plan(parallel)} if parallel.sharded else {}),
         }
         metrics.update(search.summaries)
         test_frame = data.raw.frames["test"]
@@ -198,7 +283,7 @@ def _train_and_save(recipe: Recipe, data: PreparedData, device: torch.device, co
             with atomic_path(tmp / LEARNING_CURVE_FILE) as curve:
                 learning_curve_figure(fit.history).savefig(curve, dpi=100, format="png")
         write_json_atomic(tmp / METRICS_FILE, metrics)
-    if state is not None:
+    if state is not None and processes.is_main:
         state.remove()  # the run is complete and in place: nothing left to resume
     return metrics, fit, output_dir
 

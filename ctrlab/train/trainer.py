@@ -6,7 +6,6 @@ their own optimisers, a bi-level validation step), never by overriding its metho
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import math
 import time
@@ -23,14 +22,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ctrlab.config.train import TrainConfig
 from ctrlab.data.batches import BatchIterator, FeatureBatch
-from ctrlab.errors import TrainingDiverged
+from ctrlab.distributed.parallel import ParallelModel
+from ctrlab.distributed.shards import ShardBatches, shard_rows
+from ctrlab.errors import RecipeError, TrainingDiverged
 from ctrlab.models.ctr_model import CTRModel
 from ctrlab.train.device import autocast
 from ctrlab.train.hooks import TrainingHooks, ValidationStep
 from ctrlab.train.metrics import compute_metrics
 from ctrlab.train.optim import Optimizers, build_optimizers
 from ctrlab.train.state import TrainingStateFile
-from ctrlab.utils.checkpoint import save_state_dict, save_weights
+from ctrlab.utils.checkpoint import save_state_dict
 
 _HIGHER_IS_BETTER = {"auc": True, "gauc": True, "logloss": False}
 
@@ -69,6 +70,12 @@ EpochCallback = Callable[[EpochRecord], None]
 class Trainer:
     """Owns the optimisers, the device, the loss and the loop; the model only maps batches to logits.
 
+    ``parallel`` (from :func:`~ctrlab.distributed.parallel.parallelize`) runs the loop on several processes: each
+    rank trains on its shard of the training rows with ``batch_size / world_size`` rows a step (so the global batch
+    is the recipe's), predictions are gathered back into split order before any metric, the metrics are computed on
+    rank 0 and broadcast (every rank takes the same early-stopping and learning-rate decision), and only rank 0
+    writes checkpoints and training states, prints and calls ``callbacks``.
+
     ``callbacks`` run after every epoch's evaluation (trackers log there; a sweep's pruner may raise to stop).
     ``hooks`` are a search's additions (see :mod:`ctrlab.train.hooks`). With ``keep_best`` (the default)
     :meth:`fit` ends holding the best validation epoch's weights; without, the last epoch's (a search whose
@@ -78,8 +85,11 @@ class Trainer:
     def __init__(self, model: CTRModel, config: TrainConfig, device: torch.device, seed: int = 0,
                  metrics: list[str] | None = None, console: Console | None = None,
                  callbacks: list[EpochCallback] | None = None, hooks: TrainingHooks | None = None,
-                 keep_best: bool = True) -> None:
-        self.model = model.to(device)
+                 keep_best: bool = True, parallel: ParallelModel | None = None) -> None:
+        self.parallel = parallel if parallel is not None else ParallelModel.single(model.to(device))
+        self.model = self.parallel.model
+        self.network = self.parallel.network
+        self.processes = self.parallel.processes
         self.config = config
         self.device = device
         self.metrics = list(metrics or config.metrics)
@@ -88,22 +98,27 @@ class Trainer:
             self.metrics.append(monitor)
         self.monitor = monitor
         self.console = console or Console(stderr=True)
-        self.callbacks = list(callbacks or [])
+        self.callbacks = list(callbacks or []) if self.processes.is_main else []
         self.hooks = hooks or TrainingHooks()
         self.keep_best = keep_best
         self.seed = seed
-        self.optimizers: Optimizers = build_optimizers(self.model, config.optimizer, self.hooks.parameter_groups)
+        self.optimizers: Optimizers = build_optimizers(self.model, config.optimizer, self.hooks.parameter_groups,
+                                                       exclude=self.parallel.fused_parameters())
+        # Stepping a fused optimiser only hands it the current learning rate (its update ran in the backward pass).
+        self.optimizers.optimizers.extend(self.parallel.fused_optimizers)
         self.validation_step: ValidationStep | None = None
         self.validation_steps = 0
         """Bi-level validation steps taken by :meth:`fit` so far."""
-        self.generator = torch.Generator().manual_seed(seed)
+        # Each rank shuffles its own shard with its own stream (rank 0's is the single-process one).
+        self.generator = torch.Generator().manual_seed(seed + 1_000_003 * self.processes.rank)
         self.scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
         self._row_counts: list[torch.Tensor] | None = None
+        self._train_rows = 0
 
     # ------------------------------------------------------------------------------------------ steps
     def _loss(self, batch: FeatureBatch) -> torch.Tensor:
         with autocast(self.device, self.config.precision):
-            logits = self.model(batch)
+            logits = self.network(batch)
         loss = F.binary_cross_entropy_with_logits(logits.float(), batch.label)  # type: ignore[arg-type]
         if self.optimizers.lazy_embedding_decay > 0:
             penalty = sum(m.lazy_l2(batch) for m in self.model.embedding_modules() if m.sparse)
@@ -123,16 +138,35 @@ class Trainer:
         counts = []
         for module in self.model.embedding_modules():
             ids = module.row_ids(train).cpu().numpy()
-            counts.append(torch.from_numpy(np.bincount(ids, minlength=module.num_rows)).to(self.device))
+            local = torch.from_numpy(np.bincount(ids, minlength=module.num_rows)).to(self.device)
+            counts.append(self.processes.sum(local))  # n_j counts the whole training split, not a rank's shard
         self._row_counts = counts
 
-    def train_epoch(self, data: FeatureBatch, progress: Progress | None = None) -> float:
-        """One pass over ``data``; returns the mean training loss."""
+    def shard(self, data: FeatureBatch) -> FeatureBatch:
+        """This rank's rows of a split (all of them on one process; see :mod:`ctrlab.distributed.shards`)."""
+        if not self.processes.distributed:
+            return data
+        index = shard_rows(len(data), self.processes.rank, self.processes.world_size)
+        return data.select(index.to(data.categorical.device))
+
+    def _batches(self, shard: FeatureBatch, rows: int, batch_size: int, shuffle: bool
+                 ) -> BatchIterator | ShardBatches:
+        if not self.processes.distributed:
+            return BatchIterator(shard, batch_size, shuffle=shuffle, generator=self.generator)
+        return ShardBatches(shard, rows, self.processes.world_size, batch_size, shuffle=shuffle,
+                            generator=self.generator)
+
+    def train_epoch(self, data: FeatureBatch, progress: Progress | None = None, rows: int | None = None) -> float:
+        """One pass over ``data`` (this rank's shard of a ``rows``-row split when distributed; ``rows`` defaults
+        to ``len(data)``); returns the mean training loss over every rank's rows."""
         self.model.train()
+        self.network.train()
+        rows = len(data) if rows is None else rows
         self._count_rows(data)
         if data.group is not None:  # group ids matter for evaluation only; don't shuffle them every epoch
             data = dataclasses.replace(data, group=None)
-        iterator = BatchIterator(data, self.config.batch_size, shuffle=True, generator=self.generator)
+        local_batch = self.config.batch_size // self.processes.world_size
+        iterator = self._batches(data, rows, local_batch, shuffle=True)
         task = progress.add_task("train", total=len(iterator)) if progress is not None else None
         total = torch.zeros((), device=self.device)
         for step, batch in enumerate(iterator):
@@ -156,28 +190,35 @@ class Trainer:
                 progress.update(task, completed=step + 1)
         if progress is not None and task is not None:
             progress.remove_task(task)
-        mean = float(total) / max(len(data), 1)
+        mean = float(self.processes.sum(total)) / max(rows, 1)
         if not math.isfinite(mean):
             raise TrainingDiverged(f"training loss became {mean}; lower train.optimizer.lr or set train.grad_clip_norm")
         return mean
 
     @torch.no_grad()
     def predict(self, data: FeatureBatch) -> np.ndarray:
-        """Click probabilities for every row of ``data`` (float64 numpy)."""
+        """Click probabilities for every row of ``data`` (float64 numpy). Distributed, each rank scores its shard and
+        every rank gets all rows back in ``data``'s order."""
         self.model.eval()
+        self.network.eval()
         data = data.to(self.device)
         out = []
-        for batch in BatchIterator(data, self.config.eval_batch_size):
+        for batch in self._batches(self.shard(data), len(data), self.config.eval_batch_size, shuffle=False):
             with autocast(self.device, self.config.precision):
                 logits = self.model(batch)
             out.append(torch.sigmoid(logits.float()).cpu())
-        return torch.cat(out).double().numpy()
+        local = torch.cat(out).double()
+        return self.processes.gather_rows(local, len(data)).numpy()
 
     def evaluate(self, data: FeatureBatch) -> tuple[dict[str, float], np.ndarray]:
+        """Metrics over all of ``data`` (computed on rank 0 and shared) and the probabilities."""
         probabilities = self.predict(data)
-        labels = data.label.numpy()  # type: ignore[union-attr]
-        groups = data.group.numpy() if data.group is not None else None
-        return compute_metrics(self.metrics, labels, probabilities, groups), probabilities
+        metrics: dict[str, float] = {}
+        if self.processes.is_main:
+            labels = data.label.cpu().numpy()  # type: ignore[union-attr]
+            groups = data.group.cpu().numpy() if data.group is not None else None
+            metrics = compute_metrics(self.metrics, labels, probabilities, groups)
+        return self.processes.broadcast(metrics), probabilities
 
     # ------------------------------------------------------------------------------------------- fit
     def _improved(self, value: float, best: float | None) -> bool:
@@ -191,7 +232,13 @@ class Trainer:
 
     def _state(self, result: FitResult, best_value: float | None, best_state: dict[str, torch.Tensor] | None,
                bad_epochs: int) -> dict[str, Any]:
-        """What :meth:`fit` needs to continue after the epoch just finished (see :mod:`ctrlab.train.state`)."""
+        """What :meth:`fit` needs to continue after the epoch just finished (see :mod:`ctrlab.train.state`).
+        Distributed, every rank must call it (it collects each rank's random-number streams); rank 0 saves it."""
+        distributed: dict[str, Any] = {}
+        if self.processes.distributed:
+            distributed = {"world_size": self.processes.world_size,
+                           "rank_generators": self.processes.all_objects(self.generator.get_state()),
+                           "rank_torch_rng": self.processes.all_objects(torch.get_rng_state())}
         return {
             "model": self.model.state_dict(),
             "best_model": best_state if best_state is not None else {},
@@ -205,6 +252,7 @@ class Trainer:
             "best_valid": dict(result.best_valid),
             "best_value": best_value,
             "bad_epochs": bad_epochs,
+            **distributed,
         }
 
     def _resume(self, saved: dict[str, Any], path: Path, result: FitResult, checkpoint: Path | None
@@ -212,24 +260,28 @@ class Trainer:
         """Load a state written by :meth:`_state` into the model, optimisers, generators and ``result``, replay
         its epochs to the callbacks and write its best weights to ``checkpoint``; returns (best value, best
         weights, epochs without improvement)."""
+        world = int(saved.get("world_size", 1))
+        if world != self.processes.world_size:
+            raise RecipeError(f"{path}: the training state was saved by {world} process(es), this run has "
+                              f"{self.processes.world_size}; resume with {world}, or delete it to start afresh")
         self.model.load_state_dict(saved["model"])
         for opt, opt_state in zip(self.optimizers.all, saved["optimizers"], strict=True):
             opt.load_state_dict(opt_state)
         if self.scaler is not None and saved["scaler"]:
             self.scaler.load_state_dict(saved["scaler"])
-        self.generator.set_state(saved["generator"])
-        torch.set_rng_state(saved["torch_rng"])
+        rank = self.processes.rank
+        self.generator.set_state(saved["rank_generators"][rank] if world > 1 else saved["generator"])
+        torch.set_rng_state(saved["rank_torch_rng"][rank] if world > 1 else saved["torch_rng"])
         if self.device.type == "cuda" and saved["cuda_rng"]:
             torch.cuda.set_rng_state_all(saved["cuda_rng"])
         result.history = [EpochRecord(**record) for record in saved["history"]]
         result.best_epoch, result.best_valid = saved["best_epoch"], dict(saved["best_valid"])
         best_state = {k: v.to(self.device) for k, v in saved["best_model"].items()} or None
-        self.console.print(f"resuming after epoch {len(result.history)} from {path}", highlight=False,
-                           soft_wrap=True)
+        self._print(f"resuming after epoch {len(result.history)} from {path}")
         for record in result.history:
             for callback in self.callbacks:
                 callback(record)
-        if checkpoint is not None and best_state is not None:
+        if checkpoint is not None and best_state is not None and self.processes.is_main:
             save_state_dict(best_state, checkpoint)
         result.stopped_early = self._stops(saved["bad_epochs"])
         return saved["best_value"], best_state, saved["bad_epochs"]
@@ -241,8 +293,11 @@ class Trainer:
         With ``state``, the training state is saved after every epoch and, if a saved one exists, training
         continues from it; the restored epochs are replayed to the callbacks (a tracker gets the whole curve).
         With validation-step parameter groups, every training step is followed by a :class:`ValidationStep` on
-        ``valid``."""
-        train = train.to(self.device)
+        ``valid``. Distributed, ``train`` and ``valid`` are the whole splits (every rank takes its shard).
+
+        Distributed, only rank 0 reads and writes ``state`` and ``checkpoint``."""
+        self._train_rows = len(train)
+        train = self.shard(train).to(self.device)
         valid = valid.to(self.device)
         if self.optimizers.validation:
             self.validation_step = ValidationStep(self.model, self.optimizers.validation, valid,
@@ -262,8 +317,10 @@ class Trainer:
         best_value: float | None = None
         best_state: dict[str, torch.Tensor] | None = None
         bad_epochs = 0
-        if state is not None and (saved := state.load()) is not None:
-            best_value, best_state, bad_epochs = self._resume(saved, state.path, result, checkpoint)
+        if state is not None:
+            saved = self.processes.broadcast(state.load() if self.processes.is_main else None)
+            if saved is not None:
+                best_value, best_state, bad_epochs = self._resume(saved, state.path, result, checkpoint)
         progress = self._progress()
         with progress if progress is not None else contextlib.nullcontext():
             for epoch in range(len(result.history) + 1, self.config.epochs + 1):
@@ -272,40 +329,48 @@ class Trainer:
                 for hook in self.hooks.before_epoch:
                     hook(epoch)
                 start = time.perf_counter()
-                train_loss = self.train_epoch(train, progress)
+                train_loss = self.train_epoch(train, progress, rows=self._train_rows)
                 train_seconds = time.perf_counter() - start
                 metrics, _ = self.evaluate(valid)
                 value = metrics[self.monitor]
                 improved = self._improved(value, best_value)
                 record = EpochRecord(epoch, train_loss, metrics, self.optimizers.lr, time.perf_counter() - start,
-                                     len(train) / max(train_seconds, 1e-9), improved)
+                                     self._train_rows / max(train_seconds, 1e-9), improved)
                 result.history.append(record)
                 self._summary(record)
                 if improved:
                     best_value, bad_epochs = value, 0
-                    best_state = copy.deepcopy(self.model.state_dict())
+                    best_state = self.parallel.snapshot()
                     result.best_epoch, result.best_valid = epoch, dict(metrics)
                     if checkpoint is not None:
-                        save_weights(self.model, checkpoint)
+                        weights = self.parallel.full_state_dict()  # on rank 0 only
+                        if weights is not None:
+                            save_state_dict(weights, checkpoint)
                 else:
                     bad_epochs += 1
                     if self.config.lr_on_plateau is not None:
                         self.optimizers.scale_lr(self.config.lr_on_plateau.factor, self.config.lr_on_plateau.min_lr)
                 if state is not None:
-                    state.save(self._state(result, best_value, best_state, bad_epochs))
+                    snapshot = self._state(result, best_value, best_state, bad_epochs)
+                    if self.processes.is_main:
+                        state.save(snapshot)
                 for callback in self.callbacks:
                     callback(record)
                 if self._stops(bad_epochs):
                     result.stopped_early = True
-                    self.console.print(f"early stopping: no {self.monitor} improvement for {bad_epochs} epochs; "
+                    self._print(f"early stopping: no {self.monitor} improvement for {bad_epochs} epochs; "
                                        f"best epoch {result.best_epoch}")
                     break
         if best_state is not None and self.keep_best:
-            self.model.load_state_dict(best_state)
+            self.parallel.restore(best_state)
         return result
 
+    def _print(self, line: str) -> None:
+        if self.processes.is_main:
+            self.console.print(line, highlight=False, soft_wrap=True)
+
     def _progress(self) -> Progress | None:
-        if not self.config.progress:
+        if not self.config.progress or not self.processes.is_main:
             return None
         return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=True)
@@ -313,9 +378,7 @@ class Trainer:
     def _summary(self, record: EpochRecord) -> None:
         valid = "  ".join(f"{k} {v:.5f}" for k, v in record.valid.items())
         mark = "  *best*" if record.improved else ""
-        self.console.print(
+        self._print(
             f"epoch {record.epoch:3d}/{self.config.epochs}  train_loss {record.train_loss:.5f}  valid {valid}  "
-            f"lr {record.lr:.1e}  {record.seconds:.1f}s  {record.samples_per_second:,.0f} samples/s{mark}",
-            highlight=False, soft_wrap=True,
-        )
+            f"lr {record.lr:.1e}  {record.seconds:.1f}s  {record.samples_per_second:,.0f} samples/s{mark}")
 
