@@ -16,7 +16,7 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 
-from ctrlab.errors import CtrlabError
+from ctrlab.errors import CtrlabError, StoppedByRankZero
 from ctrlab.utils.signals import EXIT_INTERRUPTED, EXIT_TERMINATED, Interrupted, Terminated, signals_raise
 
 app = typer.Typer(
@@ -39,15 +39,41 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace an earl
                                             "output_dir (a folder ctrlab did not make is never replaced)")]
 
 
+NprocOpt = Annotated[Optional[int], typer.Option("--nproc", help="train on N processes of this machine, started "
+                                                   "with torchrun (sets distributed.processes)")]
+
+
 @app.command()
 def train(recipe: RecipeArg, overrides: OverridesArg = None, data_dir: DataDirOpt = None,
-          overwrite: OverwriteOpt = False) -> None:
+          overwrite: OverwriteOpt = False, nproc: NprocOpt = None) -> None:
     """Train RECIPE, evaluate on the test split and write the run's artefacts to its output_dir."""
     from ctrlab.config.loader import load_recipe
-    from ctrlab.train.run import train_recipe
+    from ctrlab.distributed.processes import Processes, launched_world_size
+    from ctrlab.train.device import resolve_device
+    from ctrlab.train.run import check_distributed, output_folder, train_recipe
 
-    loaded = load_recipe(recipe, overrides or [])
+    overrides = list(overrides or [])
+    if nproc is not None:
+        if nproc < 1:
+            raise CtrlabError(f"--nproc: must be at least 1, got {nproc}")
+        overrides.append(f"distributed.processes={nproc}")
+    loaded = load_recipe(recipe, overrides)
+    processes = loaded.distributed.processes
+    if processes > 1 and launched_world_size() == 1:
+        from ctrlab.distributed.launch import launch_workers
+
+        # Everything that can be checked before the workers start is checked here, once.
+        check_distributed(loaded, Processes(world_size=processes), resolve_device(loaded.train.device))
+        output_folder(loaded, overwrite).check()
+        arguments = ["train", str(recipe), *overrides, *(["--data-dir", str(data_dir)] if data_dir else []),
+                     *(["--overwrite"] if overwrite else [])]
+        code = launch_workers(processes, arguments)
+        if code:
+            raise typer.Exit(code)
+        return
     result = train_recipe(loaded, data_dir=data_dir, console=err, overwrite=overwrite)
+    if os.environ.get("RANK", "0") != "0":
+        return  # rank 0 reports the run
     _print_json({"output_dir": str(result.output_dir), "test": result.metrics["test"],
                          **({"bayes_optimal_test_auc": result.metrics["bayes_optimal_test_auc"]}
                             if "bayes_optimal_test_auc" in result.metrics else {})})
@@ -220,6 +246,38 @@ def rank(
                          **({"mlflow_run_id": result.run_id} if result.run_id else {})})
 
 
+@app.command()
+def predict(
+    run_or_model: Annotated[str, typer.Argument(
+        help="a run directory (output_dir of ctrlab train), a registered model name, or models:/NAME@ALIAS or "
+        "models:/NAME/VERSION", show_default=False)],
+    data: Annotated[Path, typer.Argument(help="csv/tsv (plain or .gz) or parquet file of raw rows",
+                                         show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="scores file: .parquet, .csv or .tsv (.gz allowed "
+                                         "for csv/tsv)", show_default=False)],
+    id_columns: Annotated[Optional[str], typer.Option("--id-columns", help="comma-separated columns of DATA copied "
+                                                      "to the output beside the probability")] = None,
+    chunk_rows: Annotated[Optional[int], typer.Option("--chunk-rows", help="rows read, scored and written at a time; "
+                                                      "bounds memory (default 262,144)")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing --output file")] = False,
+    alias: Annotated[Optional[str], typer.Option("--alias", help="registered model: use this alias (default "
+                                                 "champion)")] = None,
+    version: Annotated[Optional[str], typer.Option("--version", help="registered model: use this version")] = None,
+    tracking_uri: TrackingUriOpt = None,
+) -> None:
+    """Score every row of DATA with a run or a registered model, streamed in chunks (bounded memory), and write the
+    id columns plus a probability column to --output, atomically."""
+    from ctrlab.data.chunks import DEFAULT_CHUNK_ROWS
+    from ctrlab.serve.batch_predict import check_predict, load_predictor, predict_file
+
+    ids = [name for name in (id_columns or "").split(",") if name]
+    rows = DEFAULT_CHUNK_ROWS if chunk_rows is None else chunk_rows
+    check_predict(data, output, ids, chunk_rows=rows, overwrite=overwrite)  # before the model is downloaded
+    predictor = load_predictor(run_or_model, alias, version, tracking_uri)
+    result = predict_file(predictor, data, output, ids, chunk_rows=rows, overwrite=overwrite, console=err)
+    _print_json(result.summary())
+
+
 @datasets_app.command("list")
 def datasets_list(data_dir: DataDirOpt = None) -> None:
     """List the dataset cards and whether their files are present in the data directory."""
@@ -240,11 +298,13 @@ def main(argv: list[str] | None = None) -> int:
         with signals_raise():
             result = app(args=argv, standalone_mode=False)
     except CtrlabError as error:
-        return _fail(error.message, error.exit_code)
+        return _fail(error.message, error.exit_code, quiet=isinstance(error, StoppedByRankZero))
     except (Interrupted, KeyboardInterrupt):
-        return _fail("interrupted; nothing half-written was left behind", EXIT_INTERRUPTED, prefix="")
+        return _fail("interrupted; nothing half-written was left behind", EXIT_INTERRUPTED, prefix="",
+                     quiet=_other_rank())
     except Terminated:
-        return _fail("terminated; nothing half-written was left behind", EXIT_TERMINATED, prefix="")
+        return _fail("terminated; nothing half-written was left behind", EXIT_TERMINATED, prefix="",
+                     quiet=_other_rank())
     except typer.Exit as done:
         return int(done.exit_code or 0)
     except typer.Abort:
@@ -274,7 +334,14 @@ def _print_json(data: object) -> None:
     out.print_json(json_text(data))
 
 
-def _fail(message: str, code: int, prefix: str = "[bold red]error:[/bold red] ") -> int:
+def _other_rank() -> bool:
+    """A torchrun worker other than rank 0: a signal reaches every worker, and rank 0 alone says so."""
+    return os.environ.get("RANK", "0") != "0"
+
+
+def _fail(message: str, code: int, prefix: str = "[bold red]error:[/bold red] ", quiet: bool = False) -> int:
+    if quiet:
+        return code
     # The message is data (paths, values from the file): escape it so rich prints "[no]" instead of eating it.
     err.print(f"{prefix}{escape(message)}", highlight=False, soft_wrap=True)
     return code

@@ -36,7 +36,9 @@ def infer_format(path: Path) -> Format:
     raise DataError(f"{path}: cannot tell the file format from its name; set dataset.format (csv, tsv, parquet, libfm)")
 
 
-def _check_exists(path: Path) -> None:
+def check_data_file(path: Path) -> None:
+    """Refuse a data path that is missing, a directory, not a regular file (a pipe or a device) or empty, with a
+    one-line :class:`DataError` naming it: every reader, whole-file or chunked, checks this before opening."""
     if not path.exists():
         raise DataError(f"{path}: data file not found")
     if path.is_dir():
@@ -68,7 +70,7 @@ def read_table(
     named ``f0``, ``f1``, ... unless ``columns`` names them (label first).
     """
     path = Path(path)
-    _check_exists(path)
+    check_data_file(path)
     fmt = fmt or infer_format(path)
     if fmt == "parquet":
         frame = _read_parquet(path)
