@@ -32,10 +32,19 @@ Data
     when ``$CTRLAB_DATA_DIR`` (or ``--data-dir``) holds it, else ctrlab's synthetic click data (``--rows`` rows
     split 80/10/10, the quickstart's 12 categorical and 4 numeric fields; the train split is used).
 
+Processes (``--processes 2``)
+    Instead of the comparison above: the same recipe trained by ``ctrlab train --nproc N`` (torchrun, gloo,
+    DistributedDataParallel; the global batch stays ``--batch-size``) for 1 process with ``--threads`` threads,
+    1 process with 1 thread, and N processes with 1 thread each (the same cores as the first). Each is a real run
+    (``--epochs`` + 1 epochs, early stopping off, tracking off) whose per-epoch samples/s (rows of the whole
+    training split over the epoch's training seconds, as ``metrics.json`` records them) are read back; reported is
+    the median over the epochs after the first, and each configuration's ratio to 1 process with ``--threads``.
+
 How to run
     make bench                                   # = .venv/bin/python benchmarks/throughput.py
     python benchmarks/throughput.py --data synthetic --rows 300000 --epochs 3
     python benchmarks/throughput.py --sparse --json runs/bench.json
+    python benchmarks/throughput.py --processes 2 --epochs 3       # 1 vs 2 processes (DDP, gloo)
     python benchmarks/throughput.py --help
 
     Run it on an otherwise idle machine: the two sides share it, and other load makes the ratio noisy. With
@@ -347,9 +356,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=parse_hidden, default=[400, 400, 400], help="MLP widths (default 400,400,400)")
     parser.add_argument("--sparse", action="store_true", help="sparse embedding gradients (SparseAdam) on both sides")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--processes", type=int, default=None, metavar="N",
+                        help="instead: samples/s of `ctrlab train --nproc N` against 1 process (see the docstring)")
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.batch_size < 1 or args.threads < 1 or args.rows < 10:
         parser.error("--epochs, --batch-size and --threads must be >= 1, --rows >= 10")
+    if args.processes is not None and (args.processes < 2 or args.batch_size % args.processes):
+        parser.error("--processes must be >= 2 and divide --batch-size")
     if args.data == "frappe" and frappe_available(args.data_dir) is None:
         parser.error("--data frappe: no Frappe x1 files in the data directory (set $CTRLAB_DATA_DIR or --data-dir)")
     if args.data is None:
@@ -382,9 +395,67 @@ def markdown_table(ctrlab: Side, bare: Side, n: int, ratio: float) -> str:
     ])
 
 
+# ------------------------------------------------------------------------------------------------ processes
+def process_runs(args: argparse.Namespace, log: Console) -> int:
+    """``--processes N``: samples/s of real ``ctrlab train`` runs on 1 and on N processes (see the docstring)."""
+    import subprocess
+    import tempfile
+
+    import yaml
+
+    from ctrlab.config.loader import recipe_to_dict
+
+    recipe = recipe_to_dict(make_recipe(args))
+    recipe["train"].update({"epochs": args.epochs + 1, "early_stopping": None, "lr_on_plateau": None})
+    recipe["tracking"] = {"enabled": False}
+    configurations = [(1, args.threads), (1, 1), (args.processes, 1)]
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="ctrlab-throughput-") as tmp:
+        for processes, threads in configurations:
+            out = Path(tmp) / f"p{processes}t{threads}"
+            recipe["output_dir"], recipe["train"]["num_threads"] = str(out), threads
+            recipe["dataset"]["cache_dir"] = str(Path(tmp) / "cache")
+            path = Path(tmp) / f"{out.name}.yaml"
+            path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+            command = [sys.executable, "-m", "ctrlab", "train", str(path), "--nproc", str(processes)]
+            if args.data_dir:
+                command += ["--data-dir", str(args.data_dir)]
+            log.print(f"{processes} process(es) x {threads} thread(s): {' '.join(command)}")
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"run failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
+            history = json.loads((out / "metrics.json").read_text())["history"]
+            rates = [record["samples_per_second"] for record in history[1:]]
+            results.append({"processes": processes, "threads_per_process": threads,
+                            "samples_per_second_median": statistics.median(rates), "samples_per_second": rates,
+                            "test_auc": json.loads((out / "metrics.json").read_text())["test"]["auc"]})
+            log.print(f"   median {results[-1]['samples_per_second_median']:,.0f} samples/s over {len(rates)} epochs")
+    base = results[0]["samples_per_second_median"]
+    lines = ["| processes x threads | samples/s (median) | ratio to 1 x " + str(args.threads) + " | test AUC |",
+             "|---|---:|---:|---:|"]
+    for result in results:
+        lines.append(f"| {result['processes']} x {result['threads_per_process']} | "
+                     f"{result['samples_per_second_median']:,.0f} | {result['samples_per_second_median'] / base:.2f} | "
+                     f"{result['test_auc']:.4f} |")
+    table = "\n".join(lines)
+    date = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    print(f"DeepFM training throughput by processes (DDP, gloo), {args.data}, global batch {args.batch_size}; torch "
+          f"{torch.__version__}, {cpu_model()} ({os.cpu_count()} logical CPUs), {date[:10]}; median of "
+          f"{args.epochs} epochs after 1 warm-up epoch; 1-min load average {_loadavg()}.\n")
+    print(table)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"date": date, "data": args.data, "batch_size": args.batch_size,
+                                         "cpu": cpu_model(), "torch": torch.__version__, "runs": results,
+                                         "markdown": table}, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
 # -------------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.processes is not None:
+        return process_runs(args, Console(stderr=True, highlight=False, soft_wrap=True))
     torch.set_num_threads(args.threads)
     log = Console(stderr=True, highlight=False, soft_wrap=True)
     load_start = _loadavg()
