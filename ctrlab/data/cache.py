@@ -6,6 +6,11 @@ key's inputs. A reader trusts an entry only when all of that checks out; anythin
 a missing one, a manifest that does not parse, an entry of other data) is a one-line warning naming the entry, and
 the caller rebuilds it. The cache is optional: when it cannot be read or written (full disk, file size limit,
 permissions, ``cache_dir`` being a file) the run warns once and goes on with the splits it holds in memory.
+
+The streamed pipeline writes the same files (its splits in row groups of ``dataset.chunk_rows`` rows, see
+:mod:`ctrlab.data.stream`), and its entries are verified the same way without loading the splits
+(:func:`verify_streamed_entry`). It encodes straight into the entry (:meth:`EncodedCache.build`); when the cache is
+off or cannot be written, into a temporary folder instead, since streamed splits must live on disk.
 """
 
 from __future__ import annotations
@@ -16,10 +21,12 @@ import json
 import os
 import shutil
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 from rich.console import Console
 
 from ctrlab.config.dataset import DatasetConfig
@@ -82,6 +89,14 @@ class CachedSplits:
 
     processor: FeatureProcessor
     splits: dict[str, EncodedSplit]
+
+
+@dataclass
+class CachedStreams:
+    """A verified entry of the streamed pipeline: its processor and the paths of its split files (not loaded)."""
+
+    processor: FeatureProcessor
+    paths: dict[str, Path]
 
 
 def _os_reason(exc: OSError, entry: Path | None = None) -> str:
@@ -152,11 +167,8 @@ def _check_file(entry: Path, name: str, record: dict[str, Any]) -> None:
         raise CacheEntryDamaged(f"{name}: checksum differs from the manifest's (same size, altered bytes)")
 
 
-def verify_entry(entry: Path, key: str, payload: dict[str, Any]) -> CachedSplits:
-    """Check an entry against its manifest and load it.
-
-    Raises :class:`CacheEntryDamaged` when the entry cannot be trusted, and :class:`OSError` when the file system
-    refuses to let it be read (permissions, I/O errors)."""
+def _verify_files(entry: Path, key: str, payload: dict[str, Any]) -> tuple[dict[str, Any], FeatureProcessor]:
+    """The entry's manifest and loaded processor, once every file matches the manifest."""
     try:
         is_dir = entry.is_dir()
     except OSError:
@@ -170,11 +182,21 @@ def verify_entry(entry: Path, key: str, payload: dict[str, Any]) -> CachedSplits
     # still a damaged entry, not the user's problem.
     try:
         processor = FeatureProcessor.load(entry / PROCESSOR_FILE)
-        layout = processor.layout
+        _ = processor.layout  # a processor whose layout cannot be built is damaged too
     except (MemoryError, OSError):
         raise
     except Exception as exc:  # noqa: BLE001 - any failure to load means the entry cannot be used
         raise CacheEntryDamaged(f"{PROCESSOR_FILE} does not load ({_excerpt(exc)})") from exc
+    return manifest, processor
+
+
+def verify_entry(entry: Path, key: str, payload: dict[str, Any]) -> CachedSplits:
+    """Check an entry against its manifest and load it.
+
+    Raises :class:`CacheEntryDamaged` when the entry cannot be trusted, and :class:`OSError` when the file system
+    refuses to let it be read (permissions, I/O errors)."""
+    manifest, processor = _verify_files(entry, key, payload)
+    layout = processor.layout
     splits: dict[str, EncodedSplit] = {}
     for split in SPLITS:
         name = f"{split}.parquet"
@@ -189,21 +211,51 @@ def verify_entry(entry: Path, key: str, payload: dict[str, Any]) -> CachedSplits
     return CachedSplits(processor, splits)
 
 
+def verify_streamed_entry(entry: Path, key: str, payload: dict[str, Any]) -> CachedStreams:
+    """:func:`verify_entry` for an entry of the streamed pipeline: sizes, checksums, the processor and each split's
+    row count (from its parquet footer) are checked; the splits are not loaded."""
+    manifest, processor = _verify_files(entry, key, payload)
+    paths: dict[str, Path] = {}
+    for split in SPLITS:
+        name = f"{split}.parquet"
+        try:
+            rows = pq.ParquetFile(entry / name).metadata.num_rows
+        except (MemoryError, OSError):
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise CacheEntryDamaged(f"{name} does not load ({_excerpt(exc)})") from exc
+        if rows != manifest["rows"][split]:
+            raise CacheEntryDamaged(f"{name}: {rows:,} rows, manifest says {manifest['rows'][split]:,}")
+        paths[split] = entry / name
+    return CachedStreams(processor, paths)
+
+
+def fill_entry(folder: Path, key: str, payload: dict[str, Any], fill: Callable[[Path], dict[str, int]]) -> None:
+    """Write an entry's files into ``folder``: ``fill(folder)`` writes ``processor.json`` and the split files and
+    returns each split's row count; the manifest goes last."""
+    rows = fill(folder)
+    files = {name: {"bytes": (folder / name).stat().st_size, "sha256": file_checksum(folder / name)}
+             for name in _entry_files()}
+    write_json_atomic(folder / MANIFEST, {
+        "layout": CACHE_LAYOUT_VERSION, "key": key, "files": files, "rows": {s: rows[s] for s in SPLITS},
+        "payload": payload,
+    })
+
+
 def write_entry(entry: Path, key: str, payload: dict[str, Any], processor: FeatureProcessor,
                 splits: dict[str, EncodedSplit]) -> None:
     """Write an entry whole (replacing any entry of that name); the manifest goes last, so an entry without one was
     never finished. Raises :class:`OSError` when the file system refuses; nothing half-written stays behind."""
     layout = processor.layout
-    with atomic_directory(entry) as tmp:
-        processor.save(tmp / PROCESSOR_FILE)
+
+    def fill(folder: Path) -> dict[str, int]:
+        processor.save(folder / PROCESSOR_FILE)
         for split in SPLITS:
-            splits[split].to_parquet(tmp / f"{split}.parquet", layout)
-        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": file_checksum(tmp / name)}
-                 for name in _entry_files()}
-        write_json_atomic(tmp / MANIFEST, {
-            "layout": CACHE_LAYOUT_VERSION, "key": key, "files": files,
-            "rows": {s: len(splits[s]) for s in SPLITS}, "payload": payload,
-        })
+            splits[split].to_parquet(folder / f"{split}.parquet", layout)
+        return {s: len(splits[s]) for s in SPLITS}
+
+    with atomic_directory(entry) as tmp:
+        fill_entry(tmp, key, payload, fill)
 
 
 class EncodedCache:
@@ -224,6 +276,14 @@ class EncodedCache:
         self.console.print(f"warning: {' '.join(message.split())}", highlight=False, markup=False, soft_wrap=True)
 
     def read(self, key: str, payload: dict[str, Any]) -> CachedSplits | None:
+        return self._read(key, payload, verify_entry)
+
+    def read_streamed(self, key: str, payload: dict[str, Any]) -> CachedStreams | None:
+        """:meth:`read` for an entry of the streamed pipeline (verified, not loaded)."""
+        return self._read(key, payload, verify_streamed_entry)
+
+    def _read(self, key: str, payload: dict[str, Any],
+              verify: Callable[[Path, str, dict[str, Any]], Any]) -> Any:
         entry = self.entry(key)
         try:
             os.lstat(entry)
@@ -233,7 +293,7 @@ class EncodedCache:
             self._warn(f"cache: cannot read {entry}: {_os_reason(exc)}; encoding the data again")
             return None
         try:
-            return verify_entry(entry, key, payload)
+            return verify(entry, key, payload)
         except CacheEntryDamaged as exc:
             self._damaged.add(key)
             self._warn(f"cache entry {entry} is damaged ({exc}); rebuilding it")
@@ -250,6 +310,28 @@ class EncodedCache:
             return True
         except OSError as exc:
             self._warn(f"cache: cannot write {entry}: {_os_reason(exc, entry)}; continuing without the cache")
+        self._forget_damaged(key)
+        return False
+
+    def build(self, key: str, payload: dict[str, Any], fill: Callable[[Path], dict[str, int]]) -> Path | None:
+        """Build an entry in place with ``fill`` (see :func:`fill_entry`; the streamed pipeline encodes straight
+        into it) and return it; None, after a one-line warning, when the file system refuses (the caller then
+        builds elsewhere). Any other error of ``fill`` propagates, and nothing half-written stays behind."""
+        entry = self.entry(key)
+        try:
+            with atomic_directory(entry) as tmp:
+                fill_entry(tmp, key, payload, fill)
+            return entry
+        except OSError as exc:
+            named = Path(exc.filename) if isinstance(exc.filename, str) else None
+            if named is not None and self.root not in (named, *named.parents):
+                raise  # the input, not the cache, failed: building elsewhere would fail the same way
+            self._warn(f"cache: cannot write {entry}: {_os_reason(exc, entry)}; encoding into a temporary folder")
+        self._forget_damaged(key)
+        return None
+
+    def _forget_damaged(self, key: str) -> None:
+        entry = self.entry(key)
         if key in self._damaged:
             # A damaged entry that could not be replaced would warn on every run; without it the next run just
             # misses. Best effort: the same file system just refused a write.
@@ -260,4 +342,3 @@ class EncodedCache:
                     entry.unlink()
                 except OSError:
                     pass
-        return False

@@ -101,7 +101,13 @@ def fit_cross(first: str, second: str, first_ids: np.ndarray, second_ids: np.nda
               config: CrossesConfig, index: int) -> CrossVocabulary:
     """Fit the cross of ``first`` and ``second`` on their training ids (``second_size``: ids of ``second``)."""
     keys = pl.Series("key", first_ids.astype(np.int64) * second_size + second_ids)
-    counts = keys.value_counts(name="count")
+    return fit_cross_counts(first, second, keys.value_counts(name="count"), second_size, config, index)
+
+
+def fit_cross_counts(first: str, second: str, counts: pl.DataFrame, second_size: int, config: CrossesConfig,
+                     index: int) -> CrossVocabulary:
+    """:func:`fit_cross` from the training split's key counts (columns ``key``, ``count``, one row per distinct
+    key, in any order): kept keys are sorted by count, then key, so any way of counting gives the same vocabulary."""
     kept = counts.filter(pl.col("count") >= config.min_count).sort(["count", "key"], descending=[True, False])
     seen, size = counts.height, kept.height
     if size + FIRST_VALUE_ID > config.max_rows:
@@ -183,6 +189,23 @@ def fit_crosses(features: FeaturesConfig, categorical: np.ndarray, names: list[s
     column = {name: i for i, name in enumerate(names)}
     return [fit_cross(a, b, categorical[:, column[a]], categorical[:, column[b]], sizes[column[b]], resolved, index)
             for index, (a, b) in enumerate(resolved.pairs)]
+
+
+def fit_crosses_lazy(features: FeaturesConfig, ids: pl.LazyFrame, names: list[str],
+                     sizes: list[int]) -> list[CrossVocabulary]:
+    """:func:`fit_crosses` from a lazy query of the training split's categorical ids (one int column per name of
+    ``names`` it pairs): each pair's keys are counted by a streaming group-by, so memory holds one entry per
+    distinct cross of one pair at a time, never the rows."""
+    resolved = resolve_crosses(features).crosses
+    assert resolved is not None and isinstance(resolved.pairs, list)
+    column = {name: i for i, name in enumerate(names)}
+    crosses = []
+    for index, (a, b) in enumerate(resolved.pairs):
+        size = sizes[column[b]]
+        key = pl.col(a).cast(pl.Int64) * size + pl.col(b).cast(pl.Int64)
+        counts = ids.select(key.alias("key")).group_by("key").agg(pl.len().alias("count")).collect(engine="streaming")
+        crosses.append(fit_cross_counts(a, b, counts, size, resolved, index))
+    return crosses
 
 
 PAIR_METHODS = ("memorize", "factorize", "naive")

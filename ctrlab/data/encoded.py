@@ -28,7 +28,34 @@ class EncodedSplit:
     def __len__(self) -> int:
         return int(self.categorical.shape[0])
 
-    def to_parquet(self, path: Path, layout: FeatureLayout) -> None:
+    def select(self, index: np.ndarray | slice) -> "EncodedSplit":
+        """The rows ``index`` picks (a slice is a view, an index array a copy)."""
+        def pick(array: np.ndarray | None) -> np.ndarray | None:
+            return None if array is None else array[index]
+
+        return EncodedSplit(self.categorical[index], self.numeric[index],
+                            {k: v[index] for k, v in self.sequences.items()}, pick(self.label), pick(self.group),
+                            pick(self.crosses))
+
+    @staticmethod
+    def concat(parts: list["EncodedSplit"]) -> "EncodedSplit":
+        """The rows of ``parts`` one after another (all encoded by one processor)."""
+        if len(parts) == 1:
+            return parts[0]
+
+        def joined(arrays: list[np.ndarray | None]) -> np.ndarray | None:
+            present = [a for a in arrays if a is not None]
+            return np.concatenate(present) if len(present) == len(arrays) else None
+
+        first = parts[0]
+        return EncodedSplit(
+            np.concatenate([p.categorical for p in parts]), np.concatenate([p.numeric for p in parts]),
+            {k: np.concatenate([p.sequences[k] for p in parts]) for k in first.sequences},
+            joined([p.label for p in parts]), joined([p.group for p in parts]), joined([p.crosses for p in parts]))
+
+    def to_frame(self, layout: FeatureLayout) -> pl.DataFrame:
+        """The split as the cache stores it: one column per field (``cat:``, ``num:``, ``seq:``, ``cross:``), then
+        ``label`` and ``group`` where present."""
         columns: dict[str, pl.Series] = {}
         for i, spec in enumerate(layout.categorical):
             columns[f"cat:{spec.name}"] = pl.Series(self.categorical[:, i])
@@ -44,12 +71,20 @@ class EncodedSplit:
             columns["label"] = pl.Series(self.label)
         if self.group is not None:
             columns["group"] = pl.Series(self.group)
+        return pl.DataFrame(columns)
+
+    def to_parquet(self, path: Path, layout: FeatureLayout) -> None:
+        frame = self.to_frame(layout)
         with atomic_path(path) as tmp:
-            pl.DataFrame(columns).write_parquet(tmp)
+            frame.write_parquet(tmp)
 
     @classmethod
     def from_parquet(cls, path: Path, layout: FeatureLayout) -> "EncodedSplit":
-        frame = pl.read_parquet(path)
+        return cls.from_frame(pl.read_parquet(path), layout)
+
+    @classmethod
+    def from_frame(cls, frame: pl.DataFrame, layout: FeatureLayout) -> "EncodedSplit":
+        """The inverse of :meth:`to_frame`."""
         n = frame.height
 
         def matrix(names: list[str], dtype: type) -> np.ndarray:
