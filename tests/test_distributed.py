@@ -84,10 +84,15 @@ def test_every_rank_takes_the_same_number_of_non_empty_steps() -> None:
 
 
 def test_a_split_smaller_than_one_batch_per_rank_and_step_is_refused() -> None:
-    with pytest.raises(RecipeError, match=r"^distributed\.processes: 4 processes need at least 4 rows in the valid "
-                                          r"split to give each a batch at every step, it has 3; use fewer processes"):
-        check_shards("valid", 3, 4, 100)
-    check_shards("valid", 4, 4, 100)
+    with pytest.raises(RecipeError, match=r"^distributed\.processes: 4 processes need at least 1 rows each in the "
+                                          r"valid split to take a batch at every step; the smallest share has 0 of 3; "
+                                          r"use fewer processes$"):
+        check_shards("valid", shard_sizes(3, 4), 100)
+    check_shards("valid", shard_sizes(4, 4), 100)
+    with pytest.raises(RecipeError, match=r"^dataset\.chunk_rows: 2 processes need at least 2 rows each .* the "
+                                          r"smallest share has 1 of 1,001; lower dataset\.chunk_rows"):
+        check_shards("train", [1000, 1], 500, key="dataset.chunk_rows")
+    check_shards("train", [1000, 2], 500, key="dataset.chunk_rows")
 
 
 # ------------------------------------------------------------------------------------------ data parallelism

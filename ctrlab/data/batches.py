@@ -56,6 +56,38 @@ class FeatureBatch:
             crosses=pick(self.crosses),
         )
 
+    def pin_memory(self) -> "FeatureBatch":
+        """The batch in page-locked host memory, so that a ``to(cuda, non_blocking=True)`` overlaps compute."""
+        def pin(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.pin_memory()
+
+        return FeatureBatch(
+            categorical=self.categorical.pin_memory(),
+            numeric=self.numeric.pin_memory(),
+            sequences={k: v.pin_memory() for k, v in self.sequences.items()},
+            label=pin(self.label),
+            group=pin(self.group),
+            crosses=pin(self.crosses),
+        )
+
+    @classmethod
+    def concat(cls, parts: list["FeatureBatch"]) -> "FeatureBatch":
+        """The rows of ``parts`` one after another (all parts hold the same fields)."""
+        if len(parts) == 1:
+            return parts[0]
+
+        def cat(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+            return None if tensors[0] is None else torch.cat(tensors)  # type: ignore[arg-type]
+
+        return cls(
+            categorical=torch.cat([p.categorical for p in parts]),
+            numeric=torch.cat([p.numeric for p in parts]),
+            sequences={k: torch.cat([p.sequences[k] for p in parts]) for k in parts[0].sequences},
+            label=cat([p.label for p in parts]),
+            group=cat([p.group for p in parts]),
+            crosses=cat([p.crosses for p in parts]),
+        )
+
     @classmethod
     def from_encoded(cls, split: EncodedSplit) -> "FeatureBatch":
         """The whole split as tensors (ids as int64, the dtype embedding lookups take without a copy)."""

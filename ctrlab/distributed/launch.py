@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import uuid
 from collections.abc import Sequence
@@ -40,7 +41,9 @@ def launch_workers(nproc: int, arguments: Sequence[str]) -> int:
     except SignalException as signalled:  # the agent stopped the workers (each reported it) and re-raises
         return 128 + int(signalled.sigval)
     except ChildFailedError as failed:
-        first = min(failed.failures)
-        code = failed.failures[first].exitcode
-        return code if code > 0 else 128 - code  # a worker killed by signal N: 128 + N, as a shell reports it
+        # Once one worker fails, the agent stops the others (SIGTERM: they exit 143); the status that tells what
+        # happened is the lowest-ranked one that was not such a stop.
+        codes = [failed.failures[rank].exitcode for rank in sorted(failed.failures)]
+        codes = [code if code > 0 else 128 - code for code in codes]  # killed by signal N: 128 + N, as a shell says
+        return next((code for code in codes if code != 128 + signal.SIGTERM), codes[0])
     return 0

@@ -9,7 +9,7 @@ sized as evenly as ``numpy.array_split`` sizes them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -53,13 +53,38 @@ class ShardBatches:
             yield data.select(slice(int(start), int(stop)))
 
 
-def check_shards(split: str, rows: int, world_size: int, batch_size: int) -> None:
-    """Refuse a split too small to give every rank a non-empty batch at every step (one line naming the key)."""
+def lockstep(batches: Iterable[FeatureBatch], rows: int, steps: int) -> Iterator[FeatureBatch]:
+    """Re-cut a stream of batches holding ``rows`` rows in all into exactly ``steps`` near-equal batches (sizes as
+    ``numpy.array_split`` gives them), so that every rank takes the same number of steps whatever its share of a
+    streamed split (ranks' shares of whole row groups differ). ``rows`` must be at least ``steps``."""
+    if rows < steps:
+        raise ValueError(f"{rows} rows cannot fill {steps} non-empty batches")
+    sizes = np.diff(np.linspace(0, rows, steps + 1).round().astype(np.int64)).tolist()
+    pending: list[FeatureBatch] = []
+    held = 0
+    for batch in batches:
+        pending.append(batch)
+        held += len(batch)
+        while sizes and held >= sizes[0]:
+            whole = FeatureBatch.concat(pending)
+            size = sizes.pop(0)
+            yield whole.select(slice(0, size))
+            rest = whole.select(slice(size, len(whole)))
+            pending, held = ([rest] if len(rest) else []), len(rest)
+    if sizes or held:
+        raise ValueError(f"the stream held other than the {rows} rows it was said to hold")
+
+
+def check_shards(split: str, sizes: list[int], batch_size: int, key: str = "distributed.processes") -> None:
+    """Refuse shares of a split (rows per rank, ``sizes``) too small to give every rank a non-empty batch at every
+    step (one line naming ``key``, the setting to change)."""
     from ctrlab.errors import RecipeError
 
-    sizes = shard_sizes(rows, world_size)
+    world_size = len(sizes)
     steps = -(-max(sizes) // batch_size)
     if min(sizes) < steps or min(sizes) == 0:
-        raise RecipeError(f"distributed.processes: {world_size} processes need at least {world_size * steps:,} rows "
-                          f"in the {split} split to give each a batch at every step, it has {rows:,}; use fewer "
-                          "processes")
+        fix = ("lower dataset.chunk_rows (ranks share whole row groups)" if key == "dataset.chunk_rows"
+               else "use fewer processes")
+        raise RecipeError(f"{key}: {world_size} processes need at least {steps:,} rows each in the {split} split to "
+                          f"take a batch at every step; the smallest share has {min(sizes):,} of "
+                          f"{sum(sizes):,}; {fix}")

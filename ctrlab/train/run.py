@@ -44,9 +44,10 @@ from ctrlab.config.schema import Recipe
 from ctrlab.config.train import TrainConfig
 from ctrlab.data.batches import FeatureBatch
 from ctrlab.data.pipeline import TRUE_PROBABILITY_COLUMN, PreparedData, prepare_data
+from ctrlab.data.stream import StreamedSplit
 from ctrlab.distributed.parallel import check_sharding, parallelize, sharding_plan
 from ctrlab.distributed.processes import SINGLE, Processes, process_group
-from ctrlab.distributed.shards import check_shards
+from ctrlab.distributed.shards import check_shards, shard_sizes
 from ctrlab.errors import CtrlabError, DataError, RecipeError, StoppedByRankZero, TrainingDiverged
 from ctrlab.models import CTRModel, build_recipe_model
 from ctrlab.run_dir import (
@@ -149,6 +150,37 @@ def check_distributed(recipe: Recipe, processes: Processes, device: torch.device
                           "saved yet; set train.resume: false with distributed.sharding")
 
 
+def check_streamed(recipe: Recipe, data: PreparedData) -> None:
+    """What a run cannot do on streamed splits (``dataset.loading``), as one-line errors naming the key."""
+    if not data.streamed:
+        return
+    for section, _ in searching_sections(recipe):
+        raise RecipeError(f"{section}: searches hold the splits in memory, and this run streams them "
+                          "(dataset.loading); set dataset.loading: memory, or search on a sample first")
+    if recipe.train.optimizer.embedding_regularizer == "mini_batch_aware":
+        raise RecipeError("train.optimizer.embedding_regularizer: mini_batch_aware counts every training row's ids "
+                          "before training, which a streamed split does not allow; use weight_decay")
+
+
+def check_data_shards(recipe: Recipe, data: PreparedData, world_size: int) -> None:
+    """Every process must get rows at every step of every split (one line naming the key otherwise)."""
+    local_batch = recipe.train.batch_size // world_size
+    if data.streams is not None:
+        for split, stream in data.streams.items():
+            stream.row_groups_of(0, world_size)  # refuses fewer row groups than processes
+            if split == "train":
+                shares = [stream.rows_of(rank, world_size) for rank in range(world_size)]
+            else:
+                shares = [stop - start for start, stop in (stream.ordered_rows(r, world_size)
+                                                           for r in range(world_size))]
+            check_shards(split, shares, local_batch if split == "train" else recipe.train.eval_batch_size,
+                         key="dataset.chunk_rows")
+        return
+    for split, encoded in data.splits.items():
+        check_shards(split, shard_sizes(len(encoded), world_size),
+                     local_batch if split == "train" else recipe.train.eval_batch_size)
+
+
 def _train_recipe(recipe: Recipe, processes: Processes, device: torch.device, data_dir: str | Path | None,
                   console: Console, callbacks: list[EpochCallback] | None, parent_run_id: str | None,
                   overwrite: bool) -> RunResult:
@@ -170,16 +202,16 @@ def _train_recipe(recipe: Recipe, processes: Processes, device: torch.device, da
     if processes.is_main:
         try:
             data = prepare_data(recipe.dataset, recipe.features, recipe.seed, data_dir, console)
-            for split, encoded in data.splits.items():
-                check_shards(split, len(encoded), processes.world_size,
-                             recipe.train.batch_size // processes.world_size if split == "train"
-                             else recipe.train.eval_batch_size)
+            check_streamed(recipe, data)
+            check_data_shards(recipe, data, processes.world_size)
         except CtrlabError:
             processes.broadcast(False)
             raise
         processes.broadcast(True)
     else:
         if not processes.broadcast(None):
+            # Rank 0 reports the error; it exits first, since the launcher stops all workers once one has ended.
+            time.sleep(1.0)
             raise StoppedByRankZero()
         data = prepare_data(recipe.dataset, recipe.features, recipe.seed, data_dir, console)
     if data.group_by is None and ("gauc" in recipe.train.metrics or
@@ -188,10 +220,11 @@ def _train_recipe(recipe: Recipe, processes: Processes, device: torch.device, da
     check_labels(data, recipe.train)
     recipe = resolved_recipe(recipe, data)
     check_model_footprint(recipe, data.processor.layout, device)  # before allocating it, and before MLflow logs it
-    sizes = {s: len(v) for s, v in data.splits.items()}
+    sizes = data.rows()
     console.print(f"data: train {sizes['train']:,}  valid {sizes['valid']:,}  test {sizes['test']:,} rows; "
                   f"{data.processor.layout.num_fields} fields; device {device}"
-                  + (f"; {processes.world_size} processes" if processes.distributed else ""),
+                  + (f"; {processes.world_size} processes" if processes.distributed else "")
+                  + ("; streamed from disk" if data.streamed else ""),
                   highlight=False, soft_wrap=True)
 
     with mlflow_run(recipe.tracking, experiment=recipe.tracking.experiment or recipe.name,
@@ -232,8 +265,9 @@ def _train_and_save(recipe: Recipe, data: PreparedData, device: torch.device, co
                     started: float, folder: OutputFolder, processes: Processes = SINGLE
                     ) -> tuple[dict[str, Any], FitResult, Path]:
     """Build the model, fit, test and write the output directory (atomically; on rank 0)."""
-    sizes = {s: len(v) for s, v in data.splits.items()}
+    sizes = data.rows()
     searched = SearchData(data.processor, {s: FeatureBatch.from_encoded(v) for s, v in data.splits.items()})
+    streams = data.streams  # streamed runs have no searches (check_streamed): their splits stay on disk
     # The tracker logs each epoch before the caller's callbacks run (one of them may raise, e.g. a pruner).
     all_callbacks = ([tracker.log_epoch] if tracker is not None else []) + list(callbacks or [])
 
@@ -242,7 +276,7 @@ def _train_and_save(recipe: Recipe, data: PreparedData, device: torch.device, co
         write_text_atomic(tmp / RECIPE_FILE, yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
         search = run_searches(recipe, searched, device, console, tracker, tmp)
         searched.processor.save(tmp / PROCESSOR_FILE)  # as the searches left it (a kept feature set)
-        batches = searched.batches
+        batches: dict[str, FeatureBatch | StreamedSplit] = dict(streams if streams is not None else searched.batches)
         seed_everything(recipe.seed)
         model = build_recipe_model(recipe, searched.layout)
         search.prepare_model(model)  # pruned, rewound
@@ -273,10 +307,10 @@ def _train_and_save(recipe: Recipe, data: PreparedData, device: torch.device, co
             **({"sharding": sharding_plan(parallel)} if parallel.sharded else {}),
         }
         metrics.update(search.summaries)
-        test_frame = data.raw.frames["test"]
-        if TRUE_PROBABILITY_COLUMN in test_frame.columns:
+        test_frame = data.raw.frames.get("test")
+        if test_frame is not None and TRUE_PROBABILITY_COLUMN in test_frame.columns:
             truth = test_frame.get_column(TRUE_PROBABILITY_COLUMN).to_numpy()
-            metrics["bayes_optimal_test_auc"] = auc(batches["test"].label.numpy(), truth)  # type: ignore[union-attr]
+            metrics["bayes_optimal_test_auc"] = auc(split_labels(data, "test")[0], truth)  # type: ignore[arg-type]
         with atomic_path(tmp / PREDICTIONS_FILE) as predictions:
             pl.DataFrame({"probability": test_probabilities}).write_parquet(predictions)
         if tracker is not None and recipe.tracking.log_artifacts and fit.history:
@@ -291,6 +325,8 @@ def _train_and_save(recipe: Recipe, data: PreparedData, device: torch.device, co
 def large_numeric_input(data: PreparedData, limit: float = 1e4) -> str | None:
     """The numeric input most likely to have made the loss NaN: the column whose encoded training values reach the
     largest magnitude, when that exceeds ``limit`` (values this large times a learned vector overflow float32)."""
+    if "train" not in data.splits:  # streamed: the message stays without its culprit rather than read the split
+        return None
     numeric = data.splits["train"].numeric
     specs = data.processor.layout.numeric
     if numeric.shape[1] == 0:
@@ -306,6 +342,14 @@ def large_numeric_input(data: PreparedData, limit: float = 1e4) -> str | None:
             f"(row {row} of the training split); use transform: log or log_standardize, or bucketize")
 
 
+def split_labels(data: PreparedData, split: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """A split's labels and group ids, held or read from its stream (one column each)."""
+    if data.streams is not None:
+        return data.streams[split].labels(), data.streams[split].groups()
+    encoded = data.splits[split]
+    return encoded.label, encoded.group
+
+
 def check_labels(data: PreparedData, train: TrainConfig) -> None:
     """Refuse splits on which training or the requested metrics mean nothing, before any training: a training split
     of one class (nothing to learn), and a validation or test split of one class when AUC is asked for (it is
@@ -313,8 +357,8 @@ def check_labels(data: PreparedData, train: TrainConfig) -> None:
     one group of the split must hold both classes."""
     monitor = train.early_stopping.monitor if train.early_stopping is not None else None
     wanted = set(train.metrics) | ({monitor} if monitor else set())
-    for split, encoded in data.splits.items():
-        labels = encoded.label
+    for split in data.rows():
+        labels, groups = split_labels(data, split)
         if labels is None or len(labels) == 0:
             continue
         positives = int(np.count_nonzero(labels))
@@ -324,9 +368,9 @@ def check_labels(data: PreparedData, train: TrainConfig) -> None:
             why = ("a click model needs both clicks (1) and non-clicks (0) to learn from" if split == "train" else
                    "AUC is undefined on one class; give the split rows of both classes")
             raise DataError(f"{source}: every label in the {split} split is {value} ({len(labels):,} rows); {why}")
-        if split != "train" and "gauc" in wanted and encoded.group is not None:
-            size = np.bincount(encoded.group)
-            clicks = np.bincount(encoded.group, weights=labels, minlength=len(size))
+        if split != "train" and "gauc" in wanted and groups is not None:
+            size = np.bincount(groups)
+            clicks = np.bincount(groups, weights=labels, minlength=len(size))
             if not np.any((clicks > 0) & (clicks < size)):
                 raise DataError(f"{source}: no group of dataset.group_by holds both labels in the {split} split, so "
                                 "gAUC is undefined; choose another group column or drop gauc from train.metrics")

@@ -9,7 +9,7 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ctrlab.config.train import TrainConfig
 from ctrlab.data.batches import BatchIterator, FeatureBatch
+from ctrlab.data.stream import StreamedSplit
 from ctrlab.distributed.parallel import ParallelModel
-from ctrlab.distributed.shards import ShardBatches, shard_rows
+from ctrlab.distributed.shards import ShardBatches, lockstep, shard_rows
 from ctrlab.errors import RecipeError, TrainingDiverged
 from ctrlab.models.ctr_model import CTRModel
 from ctrlab.train.device import autocast
@@ -114,6 +115,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
         self._row_counts: list[torch.Tensor] | None = None
         self._train_rows = 0
+        self.epoch = 0
+        """Training epochs done (a streamed split's shuffle order is a function of the epoch)."""
 
     # ------------------------------------------------------------------------------------------ steps
     def _loss(self, batch: FeatureBatch) -> torch.Tensor:
@@ -156,18 +159,45 @@ class Trainer:
         return ShardBatches(shard, rows, self.processes.world_size, batch_size, shuffle=shuffle,
                             generator=self.generator)
 
-    def train_epoch(self, data: FeatureBatch, progress: Progress | None = None, rows: int | None = None) -> float:
+    def _streamed(self, split: StreamedSplit, batch_size: int, epoch: int | None) -> tuple[Iterator[FeatureBatch],
+                                                                                              int]:
+        """This rank's batches of a streamed split (shuffled for ``epoch``, else in file order) and how many there
+        are: the same number on every rank (:func:`~ctrlab.distributed.shards.lockstep`), since ranks' shares of
+        whole row groups differ."""
+        rank, world = self.processes.rank, self.processes.world_size
+        if epoch is not None:
+            batches = split.batches(epoch, batch_size, rank, world)
+            shares = [split.rows_of(r, world) for r in range(world)]
+        else:
+            batches = split.ordered_batches(batch_size, rank, world)
+            shares = [stop - start for start, stop in (split.ordered_rows(r, world) for r in range(world))]
+        steps = -(-max(shares) // batch_size)
+        if world > 1:
+            batches = lockstep(batches, shares[rank], steps)
+        if self.device.type == "cuda":  # page-locked copies overlap the previous step's compute
+            batches = (b.pin_memory().to(self.device, non_blocking=True) for b in batches)
+        return batches, steps
+
+    def train_epoch(self, data: FeatureBatch | StreamedSplit, progress: Progress | None = None,
+                    rows: int | None = None) -> float:
         """One pass over ``data`` (this rank's shard of a ``rows``-row split when distributed; ``rows`` defaults
-        to ``len(data)``); returns the mean training loss over every rank's rows."""
+        to ``len(data)``); returns the mean training loss over every rank's rows. A streamed split is read
+        through its shuffle buffer in the order of the epoch this is (``(seed, epoch, rank)`` fixes it)."""
         self.model.train()
         self.network.train()
+        self.epoch += 1
         rows = len(data) if rows is None else rows
-        self._count_rows(data)
-        if data.group is not None:  # group ids matter for evaluation only; don't shuffle them every epoch
-            data = dataclasses.replace(data, group=None)
         local_batch = self.config.batch_size // self.processes.world_size
-        iterator = self._batches(data, rows, local_batch, shuffle=True)
-        task = progress.add_task("train", total=len(iterator)) if progress is not None else None
+        iterator: Iterable[FeatureBatch]
+        if isinstance(data, StreamedSplit):
+            iterator, steps = self._streamed(data, local_batch, self.epoch)
+        else:
+            self._count_rows(data)
+            if data.group is not None:  # group ids matter for evaluation only; don't shuffle them every epoch
+                data = dataclasses.replace(data, group=None)
+            iterator = self._batches(data, rows, local_batch, shuffle=True)
+            steps = len(iterator)
+        task = progress.add_task("train", total=steps) if progress is not None else None
         total = torch.zeros((), device=self.device)
         for step, batch in enumerate(iterator):
             loss = self._loss(batch)
@@ -186,7 +216,7 @@ class Trainer:
             if self.scaler is not None:
                 self.scaler.update()
             total += loss.detach() * len(batch)
-            if progress is not None and task is not None and (step % 8 == 0 or step == len(iterator) - 1):
+            if progress is not None and task is not None and (step % 8 == 0 or step == steps - 1):
                 progress.update(task, completed=step + 1)
         if progress is not None and task is not None:
             progress.remove_task(task)
@@ -196,11 +226,13 @@ class Trainer:
         return mean
 
     @torch.no_grad()
-    def predict(self, data: FeatureBatch) -> np.ndarray:
+    def predict(self, data: FeatureBatch | StreamedSplit) -> np.ndarray:
         """Click probabilities for every row of ``data`` (float64 numpy). Distributed, each rank scores its shard and
         every rank gets all rows back in ``data``'s order."""
         self.model.eval()
         self.network.eval()
+        if isinstance(data, StreamedSplit):
+            return self._predict_streamed(data)
         data = data.to(self.device)
         out = []
         for batch in self._batches(self.shard(data), len(data), self.config.eval_batch_size, shuffle=False):
@@ -210,13 +242,29 @@ class Trainer:
         local = torch.cat(out).double()
         return self.processes.gather_rows(local, len(data)).numpy()
 
-    def evaluate(self, data: FeatureBatch) -> tuple[dict[str, float], np.ndarray]:
+    def _predict_streamed(self, split: StreamedSplit) -> np.ndarray:
+        # Each rank scores a contiguous block of row groups: concatenated in rank order, the blocks are the file.
+        batches, _ = self._streamed(split, self.config.eval_batch_size, epoch=None)
+        out = []
+        for batch in batches:
+            with autocast(self.device, self.config.precision):
+                logits = self.model(batch)
+            out.append(torch.sigmoid(logits.float()).cpu())
+        local = (torch.cat(out) if out else torch.zeros(0)).double().numpy()
+        return np.concatenate(self.processes.all_objects(local))
+
+    def evaluate(self, data: FeatureBatch | StreamedSplit) -> tuple[dict[str, float], np.ndarray]:
         """Metrics over all of ``data`` (computed on rank 0 and shared) and the probabilities."""
         probabilities = self.predict(data)
         metrics: dict[str, float] = {}
         if self.processes.is_main:
-            labels = data.label.cpu().numpy()  # type: ignore[union-attr]
-            groups = data.group.cpu().numpy() if data.group is not None else None
+            if isinstance(data, StreamedSplit):
+                labels, groups = data.labels(), data.groups()
+            else:
+                labels = data.label.cpu().numpy() if data.label is not None else None
+                groups = data.group.cpu().numpy() if data.group is not None else None
+            if labels is None:
+                raise ValueError("evaluate needs labelled rows")
             metrics = compute_metrics(self.metrics, labels, probabilities, groups)
         return self.processes.broadcast(metrics), probabilities
 
@@ -286,7 +334,8 @@ class Trainer:
         result.stopped_early = self._stops(saved["bad_epochs"])
         return saved["best_value"], best_state, saved["bad_epochs"]
 
-    def fit(self, train: FeatureBatch, valid: FeatureBatch, checkpoint: Path | None = None,
+    def fit(self, train: FeatureBatch | StreamedSplit, valid: FeatureBatch | StreamedSplit,
+            checkpoint: Path | None = None,
             state: TrainingStateFile | None = None) -> FitResult:
         """Train until ``epochs`` or early stopping; the model ends holding the best validation weights.
 
@@ -297,9 +346,13 @@ class Trainer:
 
         Distributed, only rank 0 reads and writes ``state`` and ``checkpoint``."""
         self._train_rows = len(train)
-        train = self.shard(train).to(self.device)
-        valid = valid.to(self.device)
+        if isinstance(train, FeatureBatch):
+            train = self.shard(train).to(self.device)
+        if isinstance(valid, FeatureBatch):
+            valid = valid.to(self.device)
         if self.optimizers.validation:
+            if not isinstance(valid, FeatureBatch):
+                raise ValueError("a bi-level search steps on validation rows held in memory, not a streamed split")
             self.validation_step = ValidationStep(self.model, self.optimizers.validation, valid,
                                                   self.config.batch_size, self.device, self.config.precision,
                                                   seed=self.seed + 1)
@@ -311,7 +364,7 @@ class Trainer:
                 self.validation_step.release()
                 self.validation_step = None
 
-    def _fit(self, train: FeatureBatch, valid: FeatureBatch, checkpoint: Path | None,
+    def _fit(self, train: FeatureBatch | StreamedSplit, valid: FeatureBatch | StreamedSplit, checkpoint: Path | None,
              state: TrainingStateFile | None) -> FitResult:
         result = FitResult()
         best_value: float | None = None
@@ -329,6 +382,7 @@ class Trainer:
                 for hook in self.hooks.before_epoch:
                     hook(epoch)
                 start = time.perf_counter()
+                self.epoch = epoch - 1
                 train_loss = self.train_epoch(train, progress, rows=self._train_rows)
                 train_seconds = time.perf_counter() - start
                 metrics, _ = self.evaluate(valid)
