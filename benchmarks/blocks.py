@@ -97,6 +97,18 @@ def _settings_key(recipe: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def run_record(seed: int, result: Any, settings: Any, started: float) -> dict[str, Any]:
+    """One seed's row as the results file keeps it (``result``: a :class:`~ctrlab.train.run.RunResult`;
+    ``started``: its ``time.perf_counter()`` at the start)."""
+    test = result.metrics["test"]
+    return {"seed": seed, "auc": test["auc"], "logloss": test["logloss"], "gauc": test.get("gauc"),
+            "bayes_optimal_auc": result.metrics.get("bayes_optimal_test_auc"),
+            "epochs": len(result.fit.history), "best_epoch": result.fit.best_epoch,
+            "seconds": round(time.perf_counter() - started, 1), "settings": settings,
+            "train_seconds": round(sum(r.seconds for r in result.fit.history), 1),
+            "date": str(dt.date.today()), "threads": torch.get_num_threads()}
+
+
 def _saved_runs(result_file: Path, settings: str) -> list[dict]:
     """The runs already saved for this (suite, block) with the same settings (other seeds are kept on re-runs)."""
     if not result_file.exists():
@@ -118,13 +130,8 @@ def train_suite(suite: str, block: str, seeds: list[int], args: argparse.Namespa
         recipe = validate_recipe(raw)
         started = time.perf_counter()
         result = train_recipe(recipe, data_dir=args.data_dir, console=Console(quiet=True))
+        run = run_record(seed, result, settings, started)
         test = result.metrics["test"]
-        run = {"seed": seed, "auc": test["auc"], "logloss": test["logloss"], "gauc": test.get("gauc"),
-               "bayes_optimal_auc": result.metrics.get("bayes_optimal_test_auc"),
-               "epochs": len(result.fit.history), "best_epoch": result.fit.best_epoch,
-               "seconds": round(time.perf_counter() - started, 1), "settings": settings,
-               "train_seconds": round(sum(r.seconds for r in result.fit.history), 1),
-               "date": str(dt.date.today()), "threads": torch.get_num_threads()}
         runs = sorted([r for r in _saved_runs(result_file, settings) if r["seed"] != seed] + [run],
                       key=lambda r: r["seed"])
         write_json_atomic(result_file, {"suite": suite, "block": block, "runs": runs, "torch": torch.__version__})

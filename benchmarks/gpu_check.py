@@ -115,13 +115,7 @@ def _version(name: str) -> str | None:
 
 
 def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return str(_benchmark("throughput").cpu_model())
 
 
 def _finite(value: Any) -> Any:
@@ -338,14 +332,14 @@ def probes(check: Check) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- blocks
-def _blocks_module() -> Any:
-    """benchmarks/blocks.py as a module (its recipe builder and settings key are the row's definition)."""
+def _benchmark(name: str) -> Any:
+    """benchmarks/<name>.py as a module (blocks.py's recipe builder and settings key are the row's definition)."""
+    import importlib
+
     path = str(REPO / "benchmarks")
     if path not in sys.path:
         sys.path.insert(0, path)
-    import blocks
-
-    return blocks
+    return importlib.import_module(name)
 
 
 def _blocks_file(check: Check) -> Path:
@@ -376,7 +370,7 @@ def blocks_row(check: Check, until: float) -> None:
     from ctrlab.config.loader import validate_recipe
     from ctrlab.train.run import train_recipe
 
-    blocks = _blocks_module()
+    blocks = _benchmark("blocks")
     args = check.args
     rows = args.blocks_rows
     result_file = _blocks_file(check)
@@ -422,13 +416,7 @@ def blocks_row(check: Check, until: float) -> None:
             if isinstance(exc, OutOfTime):
                 break
             continue
-        test = result.metrics["test"]
-        run = {"seed": seed, "auc": test["auc"], "logloss": test["logloss"], "gauc": test.get("gauc"),
-               "bayes_optimal_auc": result.metrics.get("bayes_optimal_test_auc"),
-               "epochs": len(result.fit.history), "best_epoch": result.fit.best_epoch,
-               "seconds": round(time.perf_counter() - started, 1), "settings": settings,
-               "train_seconds": round(sum(r.seconds for r in result.fit.history), 1),
-               "date": str(dt.date.today()), "threads": torch.get_num_threads(),
+        run = {**blocks.run_record(seed, result, settings, started),
                "device": check.device.type, "gpu": check.gpu, "precision": recipe.train.precision}
         if check.workaround:
             run["workaround"] = check.workaround
@@ -454,7 +442,8 @@ def _throughput_recipe(check: Check, dataset: str, block: str, batch: int, preci
     if dataset == "frappe":
         raw = read_recipe_file(REPO / "recipes" / f"frappe_{block}.yaml")
     else:
-        raw = _blocks_module()._recipe("synthetic", block, SEED, check.work / "throughput", check.args.synthetic_rows)
+        raw = _benchmark("blocks")._recipe("synthetic", block, SEED, check.work / "throughput",
+                                           check.args.synthetic_rows)
     name = f"throughput_{dataset}_{block}"
     raw.update(name=name, seed=SEED, output_dir=str(check.work / "throughput" / name), tracking={"enabled": False})
     raw["train"] = {**raw.get("train", {}), "batch_size": batch, "precision": precision,

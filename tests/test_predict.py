@@ -19,7 +19,7 @@ import pytest
 from rich.console import Console
 
 from ctrlab.cli import main
-from ctrlab.data.chunks import RawChunks, iter_raw_chunks
+from ctrlab.data.chunks import RawChunks
 from ctrlab.data.processor import ROW_COLUMN
 from ctrlab.data.readers import read_table
 from ctrlab.errors import DataError
@@ -148,7 +148,7 @@ def test_no_id_columns_gives_only_probabilities(predictor: Predictor, data_csv: 
 @pytest.mark.parametrize("chunk_rows", [1, 7, 50, 64])
 def test_the_reader_never_yields_more_than_chunk_rows(data_csv: Path, kind: str, chunk_rows: int) -> None:
     data = _write_input(data_csv, kind)
-    chunks = list(iter_raw_chunks(data, chunk_rows=chunk_rows, row_numbers=True))
+    chunks = list(RawChunks(data, chunk_rows=chunk_rows, row_numbers=True))
     sizes = [frame.height for frame in chunks]
     # every chunk but the last is full, whatever the file's own blocks or row groups (9 rows here) are
     assert all(size == chunk_rows for size in sizes[:-1]) and 0 < sizes[-1] <= chunk_rows
@@ -168,12 +168,12 @@ def test_the_reader_reads_delimited_text_as_read_table_does(tmp_path: Path) -> N
         path = tmp_path / name
         path.write_bytes(content)
         for chunk_rows in (1, 2, 100):
-            chunks = list(iter_raw_chunks(path, chunk_rows=chunk_rows))
+            chunks = list(RawChunks(path, chunk_rows=chunk_rows))
             assert pl.concat(chunks).equals(read_table(path)), name
     movielens = tmp_path / "ratings.dat"
     movielens.write_text("1::10::5\n2::11::3\n3::12::4\n", encoding="utf-8")
     names = ["user", "item", "rating"]
-    chunks = list(iter_raw_chunks(movielens, "csv", separator="::", header=False, columns=names, chunk_rows=2))
+    chunks = list(RawChunks(movielens, "csv", separator="::", header=False, columns=names, chunk_rows=2))
     assert [c.height for c in chunks] == [2, 1]
     assert pl.concat(chunks).equals(read_table(movielens, "csv", separator="::", header=False, columns=names))
 
@@ -185,13 +185,13 @@ def test_the_reader_selects_columns_and_checks_the_file_first(data_csv: Path, tm
     with pytest.raises(DataError, match="column 'zz' is not in the data"):
         RawChunks(data_csv, select=["zz"])
     with pytest.raises(DataError, match="data file not found"):
-        iter_raw_chunks(tmp_path / "nowhere.csv")  # checked when called, not at the first chunk
+        RawChunks(tmp_path / "nowhere.csv")  # checked when called, not at the first chunk
     (tmp_path / "header_only.csv").write_text(HEADER + "\n", encoding="utf-8")
     with pytest.raises(DataError, match="header_only.csv: file has no data rows"):
-        list(iter_raw_chunks(tmp_path / "header_only.csv"))
+        list(RawChunks(tmp_path / "header_only.csv"))
     (tmp_path / "short.csv").write_text("a,b,c\n1,2,3\n4,5\n", encoding="utf-8")
     with pytest.raises(DataError, match="short.csv: cannot parse as delimited text .*Expected 3 columns, got 2"):
-        list(iter_raw_chunks(tmp_path / "short.csv"))
+        list(RawChunks(tmp_path / "short.csv"))
     (tmp_path / "reserved.csv").write_text(f"a,{ROW_COLUMN}\n1,2\n", encoding="utf-8")
     with pytest.raises(DataError, match="is reserved by ctrlab"):
         RawChunks(tmp_path / "reserved.csv", row_numbers=True)

@@ -312,19 +312,3 @@ class RawChunks:
         block or two ahead of the rows handed out)."""
         return min(1.0, self._position() / self._size) if self._size else 1.0
 
-
-def iter_raw_chunks(
-    path: str | Path,
-    fmt: Format | None = None,
-    *,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    separator: str | None = None,
-    header: bool = True,
-    columns: list[str] | None = None,
-    select: list[str] | None = None,
-    row_numbers: bool = False,
-) -> Iterator[pl.DataFrame]:
-    """The rows of ``path`` as polars frames of at most ``chunk_rows`` rows (see :class:`RawChunks`). The path and
-    the header are checked now, before the first chunk is asked for."""
-    return iter(RawChunks(path, fmt, chunk_rows=chunk_rows, separator=separator, header=header, columns=columns,
-                          select=select, row_numbers=row_numbers))
