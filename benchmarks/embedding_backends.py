@@ -8,7 +8,10 @@ What it measures
     library's (:func:`ctrlab.train.optim.build_optimizers`: Adam for dense tables, SparseAdam for sparse ones),
     embedding weight decay 0 (no lazy L2 term).
 
-    Variants: ``plain`` and ``torchrec``, each with dense and sparse (``embedding.sparse``) table gradients. All
+    Variants: ``plain`` and ``torchrec``, each with dense and sparse (``embedding.sparse``) table gradients, and
+    with ``--optimizer adagrad`` also ``torchrec fused``: the torchrec tables sharded (``distributed.sharding:
+    table_wise``) in a process group of one, so that fbgemm's kernels update them inside the backward pass (what
+    ``distributed.sharding`` gives a single process; on CPU fbgemm fuses Adagrad, not Adam). All
     start from the same weights (torchrec's copied with ``load_from_plain``); the script first checks that every
     variant gives the same loss on a batch. After ``--warmup`` steps each, steps are timed round-robin (one step of
     each variant in turn, so that drift in the machine's speed hits all alike); reported: the median ms/step of each
@@ -17,6 +20,7 @@ What it measures
 How to run
     .venv/bin/python benchmarks/embedding_backends.py                  # 50 timed steps per variant, 2 threads
     .venv/bin/python benchmarks/embedding_backends.py --steps 5 --threads 1
+    .venv/bin/python benchmarks/embedding_backends.py --optimizer adagrad --threads 1   # + the fused path
 
     On a shared machine use ``--threads 1`` (see benchmarks/README.md on busy machines and OpenMP).
 """
@@ -54,8 +58,13 @@ class EmbeddingOnly(nn.Module):
     def forward(self, batch: FeatureBatch) -> torch.Tensor:
         return self.head(self.embedding(batch).fields.flatten(1)).squeeze(1)
 
-    def embedding_modules(self) -> list[FeatureEmbedding]:  # what build_optimizers asks for
+    interaction = None  # what build_optimizers asks of a model: no pair layer, no architecture parameters
+
+    def embedding_modules(self) -> list[FeatureEmbedding]:
         return [self.embedding]
+
+    def architecture_parameters(self) -> list[nn.Parameter]:
+        return []
 
 
 def _layout(cap: int) -> FeatureLayout:
@@ -75,11 +84,35 @@ def _batches(layout: FeatureLayout, batch_size: int, count: int, seed: int) -> l
     return out
 
 
-def _step(model: EmbeddingOnly, optimizers: Optimizers, batch: FeatureBatch) -> None:
+def _step(model: nn.Module, optimizers: Optimizers, batch: FeatureBatch) -> None:
     loss = F.binary_cross_entropy_with_logits(model(batch), batch.label)  # type: ignore[arg-type]
     optimizers.zero_grad()
     loss.backward()
     optimizers.step()
+
+
+def _fused(reference: EmbeddingOnly, layout: FeatureLayout, args: argparse.Namespace,
+           optimizer: OptimizerConfig) -> tuple[nn.Module, Optimizers]:
+    """The torchrec variant sharded table-wise in a process group of one: fbgemm updates the tables in the backward
+    pass (the trainer's own optimisers keep the head)."""
+    from ctrlab.config.distributed import DistributedConfig
+    from ctrlab.config.train import TrainConfig
+    from ctrlab.distributed.parallel import parallelize
+    from ctrlab.distributed.processes import start
+
+    config = DistributedConfig(sharding="table_wise")
+    device = torch.device("cpu")
+    processes = start(config, device)
+    torch.manual_seed(args.seed)
+    embedding = EMBEDDINGS.build(EMBEDDINGS.get("per_field").config(dim=args.dim, init_std=1e-2, backend="torchrec"),
+                                 layout)
+    model = EmbeddingOnly(embedding)
+    model.head.load_state_dict(reference.head.state_dict())
+    model.embedding.load_from_plain(reference.embedding)  # type: ignore[operator]
+    parallel = parallelize(model, processes, config, TrainConfig(optimizer=optimizer), device)  # type: ignore[arg-type]
+    optimizers = build_optimizers(model, optimizer, exclude=parallel.fused_parameters())  # type: ignore[arg-type]
+    optimizers.optimizers.extend(parallel.fused_optimizers)
+    return parallel.network, optimizers
 
 
 def main() -> None:
@@ -92,13 +125,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--optimizer", choices=["adam", "adagrad"], default="adam",
+                        help="adagrad adds the fused (sharded, one process) torchrec variant")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     layout = _layout(args.vocab_cap)
     batches = _batches(layout, args.batch_size, 8, args.seed)
-    optimizer = OptimizerConfig(name="adam", lr=args.lr, embedding_weight_decay=0.0)
-    variants: dict[str, tuple[EmbeddingOnly, Optimizers]] = {}
+    optimizer = OptimizerConfig(name=args.optimizer, lr=args.lr, embedding_weight_decay=0.0)
+    variants: dict[str, tuple[nn.Module, Optimizers]] = {}
     reference: EmbeddingOnly | None = None
     for backend in ("plain", "torchrec"):
         for sparse in (False, True):
@@ -114,6 +149,9 @@ def main() -> None:
                 else:
                     model.embedding.load_state_dict(reference.embedding.state_dict())
             variants[f"{backend} {'sparse' if sparse else 'dense'}"] = (model, build_optimizers(model, optimizer))
+    if args.optimizer == "adagrad":
+        assert reference is not None
+        variants["torchrec fused"] = _fused(reference, layout, args, optimizer)
 
     first = batches[0]
     with torch.no_grad():
