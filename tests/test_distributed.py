@@ -282,3 +282,14 @@ def test_a_recipe_asking_for_processes_outside_torchrun_is_launched(tmp_path: Pa
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["output_dir"] == str(tmp_path / "out")  # rank 0 alone reports
     assert _metrics(tmp_path / "out")["processes"] == 2
+
+
+def test_a_model_with_parameters_it_never_uses_trains_on_two_processes(tmp_path: Path) -> None:
+    """Every numeric field bucketized leaves the embedding's numeric table unused; DDP must not wait for its
+    gradient (it did: 'Expected to have finished reduction in the prior iteration')."""
+    recipe = _recipe(tmp_path / "out", 20_000, epochs=2)
+    recipe["features"] = {"categorical": [f"C{i}" for i in range(1, 13)],
+                          "numeric": [{"name": f"I{i}", "transform": "bucketize", "buckets": 8} for i in range(1, 5)]}
+    done = _cli(tmp_path, recipe, "--nproc", "2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _metrics(tmp_path / "out")["epochs_run"] == 2

@@ -128,16 +128,13 @@ def parallelize(model: CTRModel, processes: Processes, config: DistributedConfig
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
-        network = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=_has_unused(model))
+        # static_graph: DDP learns in the first step which parameters the model leaves unused (an empty numeric
+        # table when every numeric field is bucketized, a first-order term of a block without one) and reduces
+        # the rest from then on, rather than wait for gradients that never come.
+        network = DistributedDataParallel(model, device_ids=ids, static_graph=True)
         return ParallelModel(model, network, processes)
     _check_layout(model)
     return _shard(model, processes, config, train, device)
-
-
-def _has_unused(model: CTRModel) -> bool:
-    """Whether some trainable parameter gets no gradient in a forward pass: DDP must then look for unused ones
-    (slower) or it waits forever for their gradients. Architecture parameters of a search belong here."""
-    return bool(model.architecture_parameters())
 
 
 def _shard(model: CTRModel, processes: Processes, config: DistributedConfig, train: TrainConfig,
