@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ from ctrlab.distributed.shards import ShardBatches, check_shards, shard_rows, sh
 from ctrlab.errors import RecipeError
 from ctrlab.serve import Predictor
 from ctrlab.train.state import state_path
-from tiny import one_line_error
+from tiny import one_line_error, terminate_once_saved
 
 torchrec = pytest.importorskip("torchrec")
 
@@ -150,12 +148,7 @@ def test_an_interrupted_two_process_run_resumes_to_the_uninterrupted_result(tmp_
     recipe = {**recipe, "output_dir": str(out), "train": {**recipe["train"], "resume": True}}
     process = _cli(tmp_path, recipe, "--nproc", "2", wait=False)
     assert isinstance(process, subprocess.Popen)
-    deadline = time.monotonic() + 300
-    while not state_path(out).exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert state_path(out).exists(), "no epoch finished within 300 s"
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
+    stderr = terminate_once_saved(process, state_path(out))
     assert process.returncode == 143, stderr
     assert [line for line in stderr.splitlines() if "terminated" in line] == [
         "terminated; nothing half-written was left behind"]

@@ -208,14 +208,13 @@ def test_sigterm_ends_a_cli_run_cleanly_keeping_its_resumable_state(tmp_path: Pa
     """``kill`` (SIGTERM) mid-run: exit code 143, one line on stderr, no half-built output directory left beside
     the output path, and the resumable state of the finished epochs intact (resuming from it is tested above)."""
     import os
-    import signal
     import subprocess
     import sys
-    import time
 
     import yaml
 
     from ctrlab.train.state import state_path
+    from tiny import terminate_once_saved
 
     out = tmp_path / "out"
     data = _recipe(out, epochs=200, resume=True, early_stopping={"patience": 200})
@@ -225,12 +224,7 @@ def test_sigterm_ends_a_cli_run_cleanly_keeping_its_resumable_state(tmp_path: Pa
     env = {**os.environ, "CTRLAB_CACHE_DIR": str(tmp_path / "cache")}
     command = [sys.executable, "-m", "ctrlab.cli", "train", str(recipe_file)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not state_path(out).exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert state_path(out).exists(), "no epoch finished within 300 s"
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
+    stderr = terminate_once_saved(process, state_path(out))
     assert process.returncode == 143, stderr
     assert stderr.strip().splitlines()[-1] == "terminated; nothing half-written was left behind"
     assert "Traceback" not in stderr

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import random
+import signal
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +93,15 @@ def train_small_synthetic_run(root: Path, name: str, tracking: dict[str, Any]) -
             os.environ.pop("CTRLAB_CACHE_DIR", None)
         else:
             os.environ["CTRLAB_CACHE_DIR"] = previous
+
+
+def terminate_once_saved(process: subprocess.Popen[str], state: Path, wait: float = 300) -> str:
+    """SIGTERM ``process`` (a resumable ``ctrlab train``) once its training state exists at ``state``, i.e. once
+    an epoch has finished; its stderr after it ended. Fails when no epoch finishes within ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while not state.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert state.exists(), f"no epoch finished within {wait:.0f} s"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    return stderr

@@ -16,10 +16,6 @@ from ctrlab.config.base import Int, Section
 
 MAX_PROCESSES = 1_024
 
-SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise")
-"""torchrec's sharding types a recipe may force (``auto`` lets the planner choose among those the device supports)."""
-
-
 class DistributedConfig(Section):
     """Processes, communication backend and embedding-table sharding.
 

@@ -183,6 +183,7 @@ class StreamedSplit:
         metadata = pq.ParquetFile(self.path).metadata
         self.row_group_rows = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
         self.columns = list(metadata.schema.to_arrow_schema().names)
+        self._columns: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
         return sum(self.row_group_rows)
@@ -223,6 +224,13 @@ class StreamedSplit:
         bounds = np.linspace(0, self.num_row_groups, world_size + 1).round().astype(int)
         return list(range(int(bounds[rank]), int(bounds[rank + 1])))
 
+    def shares(self, world_size: int, ordered: bool = False) -> list[int]:
+        """Rows each rank reads: its training row groups (:meth:`rows_of`), or with ``ordered`` its evaluation block
+        (:meth:`ordered_rows`). Refuses fewer row groups than ranks."""
+        if ordered:
+            return [stop - start for start, stop in (self.ordered_rows(r, world_size) for r in range(world_size))]
+        return [self.rows_of(r, world_size) for r in range(world_size)]
+
     def ordered_rows(self, rank: int = 0, world_size: int = 1) -> tuple[int, int]:
         """``(start, stop)``: the rows of the split (file order) that :meth:`ordered_batches` yields for ``rank``."""
         groups = self.ordered_groups(rank, world_size)
@@ -240,9 +248,12 @@ class StreamedSplit:
         return _encoded(pl.read_parquet(self.path))
 
     def _column(self, name: str) -> np.ndarray | None:
+        # Read once: evaluation asks for a split's labels every epoch, and they never change.
         if name not in self.columns:
             return None
-        return pl.read_parquet(self.path, columns=[name]).to_series().to_numpy()
+        if name not in self._columns:
+            self._columns[name] = pl.read_parquet(self.path, columns=[name]).to_series().to_numpy()
+        return self._columns[name]
 
     def labels(self) -> np.ndarray | None:
         """The labels ``[N]`` (float32) in file order, None for a split without labels."""

@@ -61,10 +61,6 @@ class Processes:
         return device
 
     # ------------------------------------------------------------------------------------------ collectives
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
     def broadcast(self, value: T) -> T:
         """Rank 0's ``value`` on every rank (our own metrics and flags: torch pickles them in transit, between
         processes of this run only)."""

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ctrlab.data.batches import FeatureBatch
+from ctrlab.errors import RecipeError
 
 
 def shard_rows(rows: int, rank: int, world_size: int) -> torch.Tensor:
@@ -78,8 +79,6 @@ def lockstep(batches: Iterable[FeatureBatch], rows: int, steps: int) -> Iterator
 def check_shards(split: str, sizes: list[int], batch_size: int, key: str = "distributed.processes") -> None:
     """Refuse shares of a split (rows per rank, ``sizes``) too small to give every rank a non-empty batch at every
     step (one line naming ``key``, the setting to change)."""
-    from ctrlab.errors import RecipeError
-
     world_size = len(sizes)
     steps = -(-max(sizes) // batch_size)
     if min(sizes) < steps or min(sizes) == 0:

@@ -167,14 +167,9 @@ def check_data_shards(recipe: Recipe, data: PreparedData, world_size: int) -> No
     local_batch = recipe.train.batch_size // world_size
     if data.streams is not None:
         for split, stream in data.streams.items():
-            stream.row_groups_of(0, world_size)  # refuses fewer row groups than processes
-            if split == "train":
-                shares = [stream.rows_of(rank, world_size) for rank in range(world_size)]
-            else:
-                shares = [stop - start for start, stop in (stream.ordered_rows(r, world_size)
-                                                           for r in range(world_size))]
-            check_shards(split, shares, local_batch if split == "train" else recipe.train.eval_batch_size,
-                         key="dataset.chunk_rows")
+            training = split == "train"
+            check_shards(split, stream.shares(world_size, ordered=not training),
+                         local_batch if training else recipe.train.eval_batch_size, key="dataset.chunk_rows")
         return
     for split, encoded in data.splits.items():
         check_shards(split, shard_sizes(len(encoded), world_size),

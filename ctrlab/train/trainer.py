@@ -165,12 +165,9 @@ class Trainer:
         are: the same number on every rank (:func:`~ctrlab.distributed.shards.lockstep`), since ranks' shares of
         whole row groups differ."""
         rank, world = self.processes.rank, self.processes.world_size
-        if epoch is not None:
-            batches = split.batches(epoch, batch_size, rank, world)
-            shares = [split.rows_of(r, world) for r in range(world)]
-        else:
-            batches = split.ordered_batches(batch_size, rank, world)
-            shares = [stop - start for start, stop in (split.ordered_rows(r, world) for r in range(world))]
+        batches = (split.batches(epoch, batch_size, rank, world) if epoch is not None
+                   else split.ordered_batches(batch_size, rank, world))
+        shares = split.shares(world, ordered=epoch is None)
         steps = -(-max(shares) // batch_size)
         if world > 1:
             batches = lockstep(batches, shares[rank], steps)
@@ -234,24 +231,22 @@ class Trainer:
         if isinstance(data, StreamedSplit):
             return self._predict_streamed(data)
         data = data.to(self.device)
-        out = []
-        for batch in self._batches(self.shard(data), len(data), self.config.eval_batch_size, shuffle=False):
-            with autocast(self.device, self.config.precision):
-                logits = self.model(batch)
-            out.append(torch.sigmoid(logits.float()).cpu())
-        local = torch.cat(out).double()
+        local = self._score(self._batches(self.shard(data), len(data), self.config.eval_batch_size, shuffle=False))
         return self.processes.gather_rows(local, len(data)).numpy()
 
     def _predict_streamed(self, split: StreamedSplit) -> np.ndarray:
         # Each rank scores a contiguous block of row groups: concatenated in rank order, the blocks are the file.
         batches, _ = self._streamed(split, self.config.eval_batch_size, epoch=None)
+        return np.concatenate(self.processes.all_objects(self._score(batches).numpy()))
+
+    def _score(self, batches: Iterable[FeatureBatch]) -> torch.Tensor:
+        """The click probabilities of ``batches``, one after another (float64, on the CPU)."""
         out = []
         for batch in batches:
             with autocast(self.device, self.config.precision):
                 logits = self.model(batch)
             out.append(torch.sigmoid(logits.float()).cpu())
-        local = (torch.cat(out) if out else torch.zeros(0)).double().numpy()
-        return np.concatenate(self.processes.all_objects(local))
+        return (torch.cat(out) if out else torch.zeros(0)).double()
 
     def evaluate(self, data: FeatureBatch | StreamedSplit) -> tuple[dict[str, float], np.ndarray]:
         """Metrics over all of ``data`` (computed on rank 0 and shared) and the probabilities."""
@@ -413,7 +408,7 @@ class Trainer:
                 if self._stops(bad_epochs):
                     result.stopped_early = True
                     self._print(f"early stopping: no {self.monitor} improvement for {bad_epochs} epochs; "
-                                       f"best epoch {result.best_epoch}")
+                                f"best epoch {result.best_epoch}")
                     break
         if best_state is not None and self.keep_best:
             self.parallel.restore(best_state)
