@@ -28,9 +28,11 @@ RECORDED = Path(__file__).parent / "recorded" / "search_outcomes.json"
 
 #: method -> embedding section of the recorded recipe (small: seconds on one thread)
 EMBEDDINGS: dict[str, dict[str, Any]] = {
+    # warmup_epochs 0 and fallback_tolerance null: the paper's supernet and search, as recorded (both settings were
+    # added, with other defaults, after the recording)
     "optembed": {"kind": "optembed", "stages": ["supernet", "search", "retrain"], "supernet_epochs": 2,
                  "threshold_init": 0.0, "threshold_lr": 1e-2, "sparsity_weight": 1e-3, "generations": 2, "keep": 2,
-                 "mutation": 2, "crossover": 2, "parents": 3},
+                 "mutation": 2, "crossover": 2, "parents": 3, "warmup_epochs": 0, "fallback_tolerance": None},
     "dnis": {"kind": "dnis", "stages": ["search", "retrain"], "search_epochs": 2, "arch_lr": 1e-2, "budget": 0.5},
 }
 

@@ -26,12 +26,16 @@ from ctrlab.models import build_model
 from ctrlab.search.dnis import (
     architecture_from_significance,
     bilevel_hooks,
+    guarded_blocks,
     prune_by_budget,
     prune_by_threshold,
+    pruned_alpha,
     rank_dimensions,
+    validation_budget,
 )
 from ctrlab.search.tables import TableArchitecture, TableOutcome, apply_outcome
 from ctrlab.train.hooks import ValidationStep
+from ctrlab.train.metrics import auc
 from ctrlab.train.optim import build_optimizers
 from ctrlab.train.run import seed_everything, train_recipe
 from ctrlab.train.trainer import Trainer
@@ -157,6 +161,57 @@ def test_min_dim_is_paid_for_first_then_the_budget_is_filled_greedily_by_hand() 
     assert prune_by_threshold(alpha, 0.9, min_dim=5) == [2, 2, 2]  # capped at the width
 
 
+def test_guard_keeps_one_dim_of_every_block_whose_significance_is_not_nil_by_hand() -> None:
+    alpha = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.5, 0.05], [0.0005, 0.0]])
+    rows = [10, 1, 5, 4]
+    assert guarded_blocks(alpha, 1e-3) == [True, True, True, False]  # 0.0005 < 1e-3 · 0.9: nil
+    assert guarded_blocks(alpha, None) == guarded_blocks(alpha, 1.0) == [False] * 4  # the paper's pruning
+    # budget 0.5 of 20 rows x 2 = 20 floats: 0.9 (10), 0.8 (1), 0.7 (1), 0.5 (5) make 17; nothing else fits
+    assert prune_by_budget(alpha, rows, 0.5) == ([1, 2, 1, 0], 17)
+    assert prune_by_budget(alpha, rows, 0.5, nil=1e-3) == ([1, 2, 1, 0], 17)
+    # budget 0.35 (14 floats): 0.5 (5) no longer fits after 12, and the guard does not break the budget for it:
+    # units 0 and 1 reserve their best (11), unit 2's would make 16
+    assert prune_by_budget(alpha, rows, 0.35) == ([1, 2, 0, 0], 12)
+    assert prune_by_budget(alpha, rows, 0.35, nil=1e-3) == ([1, 2, 0, 0], 12)
+    # with room for it, a guarded unit keeps a dimension the greedy fill would have given away
+    alpha2 = torch.tensor([[0.9, 0.8], [0.3, 0.2]])
+    assert prune_by_budget(alpha2, [5, 5], 0.5) == ([2, 0], 10)
+    assert prune_by_budget(alpha2, [5, 5], 0.5, nil=1e-3) == ([1, 1], 10)
+    assert prune_by_budget(alpha2, [5, 5], 0.5, nil=0.5) == ([2, 0], 10)  # 0.3 < 0.5 · 0.9: nil at this level
+    # threshold 0.6 (cut 0.54): unit 2 keeps nothing, unless guarded; unit 3 is nil and keeps nothing
+    assert prune_by_threshold(alpha, 0.6) == [1, 2, 0, 0]
+    assert prune_by_threshold(alpha, 0.6, nil=1e-3) == [1, 2, 1, 0]
+
+
+def test_validation_budget_is_the_smallest_within_tolerance_and_leaves_alpha_as_it_was() -> None:
+    model = _model().eval()
+    embedding = model.embedding
+    units = EmbeddingUnits.from_layout(LAYOUT)
+    valid = tiny_batch(256, seed=4)
+    with torch.no_grad():  # make the item table matter: the labels follow its first dimension's sign
+        valid.label = (embedding.weight[valid.categorical[:, 0], 0] > 0).float()
+        embedding.alpha.copy_(torch.tensor([[4.0, 0.1, 0.1, 0.1], [0.2, 0.2, 0.2, 0.2], [0.3, 0.3, 0.3, 0.3]]))
+    alpha = embedding.alpha.detach().clone()
+    significance = embedding.significance()
+    blocks = FrequencyBlocks.one_per_unit(units)
+    loose = validation_budget(model, significance, blocks, _config(tolerance=1.0), valid, 64, torch.device("cpu"))
+    assert loose.budget == 0.05 and list(loose.tried) == [0.05]  # anything passes: the smallest budget
+    strict = validation_budget(model, significance, blocks, _config(tolerance=0.0), valid, 64, torch.device("cpu"),
+                               steps=(0.25, 0.5, 0.75))
+    assert torch.equal(embedding.alpha.detach(), alpha)  # the pruned alphas were only tried
+    full = strict.full_auc
+    for budget, score in strict.tried.items():  # every budget below the chosen one failed; the chosen one passed
+        assert (score >= full) == (budget == strict.budget)
+    # each tried score is the network's AUC with the pruned dimensions' alpha at 0
+    for budget, score in strict.tried.items():
+        dims, _ = prune_by_budget(significance, units.rows, budget, nil=1e-3)
+        with torch.no_grad():
+            embedding.alpha.copy_(pruned_alpha(alpha, significance, dims))
+        probabilities = torch.sigmoid(model(valid)).detach().numpy()
+        assert score == pytest.approx(auc(valid.label.numpy(), probabilities))
+        assert all(int((embedding.alpha[u] != 0).sum()) == d for u, d in enumerate(dims))
+
+
 def test_a_min_dim_the_budget_cannot_pay_for_is_a_recipe_error_naming_the_key() -> None:
     units = EmbeddingUnits(("a", "b"), (10, 6), 2, (0, 1), ())
     config = EMBEDDINGS.get("dnis").config(dim=4, budget=0.25, min_dim=2)  # 2 x 16 rows > 0.25 x 64
@@ -187,7 +242,7 @@ def test_budget_pruning_never_exceeds_the_budget_and_fills_it_greedily(seed: int
     g = torch.Generator().manual_seed(seed)
     alpha = torch.randn(7, 8, generator=g)
     rows = torch.randint(1, 300, (7,), generator=g).tolist()
-    dims, spent = prune_by_budget(alpha, rows, budget)
+    dims, spent = prune_by_budget(alpha, rows, budget, nil=1e-3)  # the recipe's default guard, as below
     allowed = math.floor(budget * sum(rows) * 8)
     assert spent == sum(r * d for r, d in zip(rows, dims)) <= allowed
     # greedy: every unit that could still grow would break the budget
@@ -277,7 +332,9 @@ def test_blocks_get_their_own_significance_and_budgeted_dims() -> None:
     significance = torch.tensor([[4.0, 3.0, 2.0, 1.0], [0.5, 0.4, 0.3, 0.2], [0.1, 0.2, 0.05, 0.01],
                                  [3.0, 3.0, 0.1, 0.1], [2.5, 0.1, 0.1, 0.1], [0.2, 0.1, 0.1, 0.1],
                                  [9.0, 9.0, 9.0, 9.0]])
-    architecture = architecture_from_significance(significance, units, _config(budget=0.5), blocks)
+    # nil_significance 1: no block is guarded, the paper's rule
+    architecture = architecture_from_significance(significance, units, _config(budget=0.5, nil_significance=1.0),
+                                                  blocks)
     # budget floor(0.5 * 15 rows * 4) = 30 floats, pairs taken by |alpha| (a block costs its rows):
     # x 9.0 x4 (1 each), item#0 4.0, 3.0, user#0 3.0, 3.0, user#1 2.5, item#0 2.0, 1.0 -> 22; item#1 0.5, 0.4 -> 28;
     # item#1 0.3 (3) does not fit, user#2 0.2 (1) -> 29, then only user#2's first 0.1 (1) fits -> 30
@@ -285,11 +342,19 @@ def test_blocks_get_their_own_significance_and_budgeted_dims() -> None:
     assert architecture.block_order["item"] == [[0, 1, 2, 3], [0, 1], []]
     assert architecture.block_order["user"] == [[0, 1], [0], [0, 1]]
     assert architecture.kept_parameters(units) == 3 * 4 + 3 * 2 + 2 * 2 + 2 * 1 + 1 * 2 + 4 == 30
+    # the default guard first gives every block its best dimension, by decreasing best significance: x (1),
+    # item#0 (3), user#0 (2), user#1 (2), item#1 (3), item#2 (3), user#2 (1) -> 15; then the fill: x 9.0 x3 -> 18,
+    # item#0 3.0 -> 21, user#0 3.0 -> 23, item#0 2.0, 1.0 -> 29, item#1 0.4 (3) no longer fits, user#2 0.1 -> 30
+    guarded = architecture_from_significance(significance, units, _config(budget=0.5), blocks)
+    assert guarded.block_dims == {"item": [4, 1, 1], "user": [2, 1, 2]} and guarded.dims == {"x": 4}
+    assert guarded.kept_parameters(units) == 30
 
 
 def test_threshold_and_budget_are_alternatives() -> None:
     base = {"name": "v", "dataset": {"synthetic": {"rows": 100}}, "model": {"block": "deepfm"}}
-    assert validate_recipe({**base, "embedding": {"kind": "dnis"}}).embedding.budget == 0.5
+    default = validate_recipe({**base, "embedding": {"kind": "dnis"}}).embedding
+    assert default.budget is None and default.threshold is None  # neither: the budget is chosen on validation
+    assert default.tolerance == pytest.approx(0.001)
     assert validate_recipe({**base, "embedding": {"kind": "dnis", "threshold": 0.2}}).embedding.budget is None
     with pytest.raises(RecipeError, match="embedding.threshold and embedding.budget"):
         validate_recipe({**base, "embedding": {"kind": "dnis", "threshold": 0.2, "budget": 0.3}})
@@ -343,6 +408,29 @@ def test_retrain_from_an_earlier_search_reprunes_and_reproduces(dnis_run) -> Non
     assert np.array_equal(saved, again)
     assert smaller.metrics["embedding_parameters"] <= 0.1 * result.metrics["embedding_search"]["full_parameters"]
     assert smaller.metrics["test"]["auc"] > 0.6
+
+
+def test_default_rule_chooses_the_budget_on_validation_when_re_pruning_an_earlier_search(dnis_run) -> None:
+    root, _, result = dnis_run
+    default = {k: v for k, v in SEARCH.items() if k != "budget"}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CTRLAB_CACHE_DIR", str(root / "cache"))
+        chosen = train_recipe(validate_recipe(synthetic_recipe(
+            root / "chosen", {**default, "stages": ["retrain"], "from_run": str(result.output_dir)})),
+            console=QUIET)
+    search = chosen.metrics["embedding_search"]
+    pruning = search["pruning"]
+    tried = {float(b): a for b, a in pruning["budget_valid_auc"].items()}
+    budget = pruning["budget"]
+    assert pruning["rule"].startswith(f"budget {budget:g} (chosen on validation")
+    # the smallest budget tried whose pruned searched network is within the tolerance; every smaller one was not
+    if budget in tried:
+        assert tried[budget] >= pruning["searched_valid_auc"] - 0.001
+    else:  # none passed: every dimension is kept
+        assert budget == 1.0 and search["kept_parameters"] == search["full_parameters"]
+    assert all(a < pruning["searched_valid_auc"] - 0.001 for b, a in tried.items() if b < budget)
+    assert search["kept_parameters"] <= budget * search["full_parameters"]
+    assert chosen.metrics["embedding_parameters"] == search["kept_parameters"]
 
 
 def test_an_interrupted_resumable_search_run_resumes_its_final_training_to_the_same_model(dnis_run) -> None:

@@ -24,7 +24,8 @@ from ctrlab.embeddings.optembed import OptEmbedSupernet
 from ctrlab.embeddings.searchable import binary_step
 from ctrlab.errors import DataError, RecipeError
 from ctrlab.models import build_model
-from ctrlab.search.optembed import evolutionary_search, supernet_hooks
+from ctrlab.search import optembed as optembed_search
+from ctrlab.search.optembed import EvolutionResult, evolutionary_search, keep_full_dims, supernet_hooks
 from ctrlab.search.tables import TableArchitecture, TableOutcome, apply_outcome, load_architecture, save_architecture
 from ctrlab.train.optim import build_optimizers
 from ctrlab.train.run import seed_everything, train_recipe
@@ -143,6 +144,37 @@ def test_supernet_sampling_masks_only_trailing_dims_and_shares_a_tables_dim() ->
     torch.testing.assert_close(supernet(batch).fields, full.fields)
 
 
+def test_warm_up_trains_at_all_dims_and_evaluation_can_sample_with_seeded_draws() -> None:
+    supernet = _supernet(threshold_init=-100.0)
+    batch = tiny_batch(256, seed=3)
+    full = supernet.eval()(batch).fields
+    supernet.sampling = False  # the warm-up: training at all dimensions
+    torch.testing.assert_close(supernet.train()(batch).fields, full)
+    supernet.sampling = True
+    supernet.eval().sample_in_evaluation(5)
+    first = supernet(batch).fields
+    again = supernet(batch).fields  # the generator moved on: other draws
+    supernet.sample_in_evaluation(5)  # re-seeded: the first draws again
+    torch.testing.assert_close(supernet(batch).fields, first)
+    assert not torch.equal(first, again)
+    kept = (first[:, :2] != 0).sum(dim=2)  # per (example, categorical field) a prefix of 1..D dims, as in training
+    assert kept.min() >= 1 and kept.max() == D and len({tuple(r) for r in kept.tolist()}) > 10
+    torch.testing.assert_close(first[:, :2], full[:, :2] * (torch.arange(D) < kept.unsqueeze(-1)))
+    supernet.use_dims([2, 2, 2])  # a candidate overrides the sampling
+    assert int((supernet(batch).fields != 0).sum(dim=2).max()) == 2
+    supernet.use_dims(None)
+    supernet.sample_in_evaluation(None)
+    torch.testing.assert_close(supernet(batch).fields, full)
+
+
+def test_fallback_keeps_all_dims_only_when_the_best_candidate_is_worse_than_the_tolerance() -> None:
+    assert keep_full_dims(0.70, 0.71, 0.0) and keep_full_dims(0.70, 0.71, 0.005)
+    assert not keep_full_dims(0.70, 0.71, 0.01) and not keep_full_dims(0.72, 0.71, 0.0)
+    assert not keep_full_dims(0.71, 0.71, 0.0)  # as good as all dims: the smaller table is kept
+    assert keep_full_dims(-math.inf, 0.71, 0.0) and keep_full_dims(math.nan, 0.71, 0.0)
+    assert not keep_full_dims(0.70, math.nan, 0.0)
+
+
 def test_thresholds_get_their_own_optimiser_and_the_loss_their_regulariser() -> None:
     torch.manual_seed(0)
     config = BLOCKS.get("deepfm").config(mlp={"hidden": [8]}, linear=True)
@@ -259,8 +291,8 @@ def test_stage_lists_are_checked_with_messages_naming_the_keys() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ runs
-SEARCH = {"kind": "optembed", "supernet_epochs": 3, "threshold_lr": 1e-2, "sparsity_weight": 1e-3, "generations": 3,
-          "keep": 2, "mutation": 2, "crossover": 2, "parents": 3}
+SEARCH = {"kind": "optembed", "warmup_epochs": 2, "supernet_epochs": 3, "threshold_lr": 1e-2, "sparsity_weight": 1e-3,
+          "generations": 3, "keep": 2, "mutation": 2, "crossover": 2, "parents": 3}
 
 
 @pytest.fixture(scope="module")
@@ -277,6 +309,12 @@ def test_optembed_run_learns_with_a_smaller_table_and_writes_every_stage(full_ru
     metrics = json.loads((result.output_dir / "metrics.json").read_text())
     search = metrics["embedding_search"]
     assert metrics["test"]["auc"] > 0.65 and search["supernet"]["best_valid"]["auc"] > 0.6
+    warmup = search["supernet"]["warmup"]  # the warm-up at all dims ran first, then the sampling phase
+    assert 1 <= warmup["epochs_run"] <= 2 and warmup["best_valid"]["auc"] > 0.6
+    assert 1 <= search["supernet"]["epochs_run"] <= 3
+    # the best candidate was compared with all dims on the same rows; it was kept, so it is within the tolerance
+    assert search["search"]["fallback"] is False
+    assert search["search"]["best_valid_auc"] >= search["search"]["full_dims_valid_auc"]
     assert metrics["embedding_parameters"] == search["kept_parameters"] < search["full_parameters"]
     assert metrics["embedding_bytes"] == 4 * metrics["embedding_parameters"]
     assert 0 < search["row_sparsity"] < 0.5 and 0 < search["sparsity"] < 1  # rows and dims pruned
@@ -346,7 +384,9 @@ def test_max_parameters_keeps_the_searched_table_within_the_budget(full_run) -> 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CTRLAB_CACHE_DIR", str(root / "cache"))
         limited = train_recipe(validate_recipe(synthetic_recipe(
-            root / "limited", {**SEARCH, "stages": ["supernet", "search"], "max_parameters": 0.3})), console=QUIET)
+            # mutations redraw every dim (mean cost over half the table): some children exceed the budget
+            root / "limited", {**SEARCH, "stages": ["supernet", "search"], "max_parameters": 0.3,
+                               "mutation_prob": 1.0})), console=QUIET)
         with pytest.raises(RecipeError, match=r"embedding.max_parameters 0.001 is below the smallest candidate"):
             train_recipe(validate_recipe(synthetic_recipe(
                 root / "tiny", {**SEARCH, "stages": ["supernet", "search"], "max_parameters": 0.001})), console=QUIET)
@@ -357,3 +397,25 @@ def test_max_parameters_keeps_the_searched_table_within_the_budget(full_run) -> 
     # every candidate over the budget is scored -inf without evaluation, every one within it gets a real AUC
     assert any(float(r["valid_auc"]) == -math.inf for r in history)
     assert all((float(r["valid_auc"]) == -math.inf) == (int(r["kept_parameters"]) > 0.3 * full) for r in history)
+
+
+def test_search_falls_back_to_all_dims_when_its_best_candidate_is_worse(full_run, monkeypatch) -> None:
+    root, _, _ = full_run
+    monkeypatch.setenv("CTRLAB_CACHE_DIR", str(root / "cache"))
+
+    def poor_search(evaluate, num_units, max_dim, cost, **kw):  # the search "finds" one dim per field, scored 0.5
+        best = (1,) * num_units
+        return EvolutionResult(best=best, best_score=0.5, best_cost=cost(best), evaluations=1)
+
+    monkeypatch.setattr(optembed_search, "evolutionary_search", poor_search)
+    quick = {**SEARCH, "warmup_epochs": 0, "supernet_epochs": 1, "stages": ["supernet", "search"]}
+    kept = train_recipe(validate_recipe(synthetic_recipe(root / "fallback", quick)), console=QUIET)
+    search = kept.metrics["embedding_search"]
+    assert search["search"]["fallback"] is True and search["search"]["full_dims_valid_auc"] > 0.5
+    assert set(search["dims"].values()) == {8}  # every unit at all embedding.dim dims
+    assert "warmup" not in search["supernet"]
+    # the paper's rule (no fallback) keeps the search's candidate, however it scores
+    paper = train_recipe(validate_recipe(synthetic_recipe(root / "paper", {**quick, "fallback_tolerance": None})),
+                         console=QUIET)
+    search = paper.metrics["embedding_search"]
+    assert set(search["dims"].values()) == {1} and "fallback" not in search["search"]

@@ -1,7 +1,8 @@
 """OptEmbed's stages (Lyu et al. 2022, "OptEmbed: Learning Optimal Embedding Table for Click-through Rate
-Prediction", CIKM): ``supernet`` (Sections 3.2-3.3), ``search`` (Section 3.3, evolutionary search) and ``retrain``
-(Section 3.4; the run's own final training), on the search framework (:mod:`ctrlab.search.framework`; the table
-artefact and its files: :mod:`ctrlab.search.tables`).
+Prediction", CIKM): ``supernet`` (Sections 3.2-3.3, after a warm-up at all dimensions that the paper does not have,
+see :class:`~ctrlab.embeddings.optembed.OptEmbedConfig`), ``search`` (Section 3.3, evolutionary search, with a
+fallback to all dimensions the paper does not have) and ``retrain`` (Section 3.4; the run's own final training), on
+the search framework (:mod:`ctrlab.search.framework`; the table artefact and its files: :mod:`ctrlab.search.tables`).
 
 Outputs under ``<run>/embedding_search/``:
 
@@ -10,7 +11,8 @@ Outputs under ``<run>/embedding_search/``:
 ``row_mask.safetensors``
     per vocabulary table the rows whose L1 norm exceeds the table's threshold.
 ``dims.json``
-    the dimensions per unit the search found (all ``D`` when the run does no search).
+    the dimensions per unit the search found (all ``D`` when the run does no search, or when the search falls
+    back to them: ``fallback_tolerance``).
 ``search_history.csv``, ``search_progress.png``
     every evaluated candidate per generation (validation AUC, kept parameters, dims), and the best and mean AUC
     per generation (the PNG needs matplotlib).
@@ -74,32 +76,64 @@ def kept_row_fraction(supernet: OptEmbedSupernet) -> float:
 
 
 def train_supernet(context: SearchContext) -> tuple[CTRModel, dict[str, Any]]:
-    """Stage ``supernet``: train the supernet for up to ``supernet_epochs`` epochs (the best validation epoch's
-    weights are kept, evaluated with all dimensions and the row mask) and save it."""
+    """Stage ``supernet``: a warm-up of up to ``warmup_epochs`` epochs at all dimensions, then up to
+    ``supernet_epochs`` epochs of uniform dimension sampling, validated at sampled dimensions (the same draws every
+    epoch; without a warm-up at all dimensions, as the paper); each phase keeps its best validation epoch's
+    weights. The thresholds learn in both. The supernet is saved."""
     config: OptEmbedConfig = context.config
     model = context.build_network(OptEmbedSupernet)
     supernet = model.embedding
     assert isinstance(supernet, OptEmbedSupernet)
+    summary: dict[str, Any] = {}
+    offset = 0
 
-    def log_epoch(record: EpochRecord) -> None:
-        context.log_metrics({"supernet.train_loss": record.train_loss,
-                             **{f"supernet.valid_{k}": v for k, v in record.valid.items()},
-                             "supernet.kept_row_fraction": kept_row_fraction(supernet)}, step=record.epoch)
+    def log_epoch(prefix: str) -> Callable[[EpochRecord], None]:
+        def log(record: EpochRecord) -> None:
+            context.log_metrics({f"{prefix}.train_loss": record.train_loss,
+                                 **{f"{prefix}.valid_{k}": v for k, v in record.valid.items()},
+                                 f"{prefix}.kept_row_fraction": kept_row_fraction(supernet)},
+                                step=offset + record.epoch)
+        return log
 
-    train_config = context.recipe.train.model_copy(update={"epochs": config.supernet_epochs})
-    trainer = Trainer(model, train_config, context.device, seed=context.recipe.seed, console=context.console,
-                      callbacks=[log_epoch], hooks=supernet_hooks(supernet, config.threshold_lr))
-    context.say(f"stage supernet: up to {config.supernet_epochs} epochs, thresholds lr {config.threshold_lr:g}, "
-                f"sparsity weight {config.sparsity_weight:g}")
-    fit = trainer.fit(context.batches["train"], context.batches["valid"])
+    def phase(epochs: int, prefix: str, hooks: TrainingHooks) -> dict[str, Any]:
+        train_config = context.recipe.train.model_copy(update={"epochs": epochs})
+        trainer = Trainer(model, train_config, context.device, seed=context.recipe.seed, console=context.console,
+                          callbacks=[log_epoch(prefix)], hooks=hooks)
+        fit = trainer.fit(context.batches["train"], context.batches["valid"])
+        return {"epochs_run": len(fit.history), "best_epoch": fit.best_epoch, "best_valid": fit.best_valid,
+                "history": [r.as_dict() for r in fit.history]}
+
+    if config.warmup_epochs:
+        context.say(f"stage supernet, warm-up: up to {config.warmup_epochs} epochs at all {context.dim} dimensions, "
+                    f"thresholds lr {config.threshold_lr:g}, sparsity weight {config.sparsity_weight:g}")
+        supernet.sampling = False
+        try:
+            summary["warmup"] = phase(config.warmup_epochs, "supernet.warmup",
+                                      supernet_hooks(supernet, config.threshold_lr))
+        finally:
+            supernet.sampling = True
+        offset = summary["warmup"]["epochs_run"]
+        context.say("supernet warm-up: best epoch {best_epoch}, valid ".format(**summary["warmup"])
+                    + "  ".join(f"{k} {v:.5f}" for k, v in summary["warmup"]["best_valid"].items()))
+    validated = "sampled" if config.warmup_epochs else "all"
+    context.say(f"stage supernet: up to {config.supernet_epochs} epochs of uniform dimension sampling (validated at "
+                f"{validated} dimensions), thresholds lr {config.threshold_lr:g}, sparsity weight "
+                f"{config.sparsity_weight:g}")
+    hooks = supernet_hooks(supernet, config.threshold_lr)
+    if config.warmup_epochs:
+        # Validate on what this phase trains and the search scores, the sub-networks, rather than all dimensions
+        # (trained least here), with the same draws every epoch: the generator is re-seeded before each epoch.
+        hooks.before_epoch.append(lambda epoch: supernet.sample_in_evaluation(context.recipe.seed))
+    try:
+        summary.update(phase(config.supernet_epochs, "supernet", hooks))
+    finally:
+        supernet.sample_in_evaluation(None)
     save_weights(model, context.directory / SUPERNET_FILE)
     thresholds = supernet.thresholds.detach().cpu().tolist()
-    summary = {"epochs_run": len(fit.history), "best_epoch": fit.best_epoch, "best_valid": fit.best_valid,
-               "kept_row_fraction": kept_row_fraction(supernet),
-               "thresholds": dict(zip(supernet.units.names, thresholds)),
-               "history": [r.as_dict() for r in fit.history]}
-    context.say(f"supernet: best epoch {fit.best_epoch}, valid "
-                + "  ".join(f"{k} {v:.5f}" for k, v in fit.best_valid.items())
+    summary.update({"kept_row_fraction": kept_row_fraction(supernet),
+                    "thresholds": dict(zip(supernet.units.names, thresholds))})
+    context.say(f"supernet: best epoch {summary['best_epoch']}, valid at sampled dimensions "
+                + "  ".join(f"{k} {v:.5f}" for k, v in summary["best_valid"].items())
                 + f", rows kept {summary['kept_row_fraction']:.1%}")
     return model, summary
 
@@ -210,7 +244,9 @@ def candidate_cost(dims: Sequence[int], kept_rows: Sequence[int]) -> int:
 
 def search_dims(context: SearchContext, model: CTRModel, rows: dict[str, torch.Tensor]
                 ) -> tuple[dict[str, int], dict[str, Any]]:
-    """Stage ``search``: evolve per-unit dims scored by the supernet's validation AUC with the row mask."""
+    """Stage ``search``: evolve per-unit dims scored by the supernet's validation AUC with the row mask; with a
+    ``fallback_tolerance``, keep all dims when the best candidate scores more than it below all dims (scored on
+    the same rows; only when all dims are within ``max_parameters``)."""
     config: OptEmbedConfig = context.config
     supernet = model.embedding
     assert isinstance(supernet, OptEmbedSupernet)
@@ -279,10 +315,31 @@ def search_dims(context: SearchContext, model: CTRModel, rows: dict[str, torch.T
         if progress is not None:
             progress.stop()
     write_history(context, result)
-    dims = dict(zip(units.names, result.best))
-    summary = {"generations": config.generations, "evaluations": result.evaluations,
-               "best_valid_auc": result.best_score, "best_kept_parameters": result.best_cost}
-    return dims, summary
+    best = result.best
+    summary: dict[str, Any] = {"generations": config.generations, "evaluations": result.evaluations,
+                               "best_valid_auc": result.best_score, "best_kept_parameters": result.best_cost}
+    full = (context.dim,) * len(units)
+    if config.fallback_tolerance is not None and (within_budget is None or within_budget(full)):
+        full_score = evaluate(full)
+        summary["full_dims_valid_auc"] = full_score
+        summary["fallback"] = fallback = bool(keep_full_dims(result.best_score, full_score,
+                                                             config.fallback_tolerance))
+        if fallback:
+            best = full
+            context.say(f"search: the best candidate's valid auc {result.best_score:.5f} is more than "
+                        f"{config.fallback_tolerance:g} below the supernet's at all dimensions ({full_score:.5f}): "
+                        "every field keeps all its dimensions")
+        else:
+            context.say(f"search: best candidate valid auc {result.best_score:.5f}, all dimensions {full_score:.5f}")
+    return dict(zip(units.names, best)), summary
+
+
+def keep_full_dims(best_score: float, full_score: float, tolerance: float) -> bool:
+    """Whether the search falls back to all dimensions: its best candidate scores more than ``tolerance`` below the
+    supernet at all dimensions (a NaN or ``-inf`` best always does; a NaN full score never makes it)."""
+    if math.isnan(full_score):
+        return False
+    return not best_score >= full_score - tolerance
 
 
 def write_history(context: SearchContext, result: EvolutionResult) -> None:
