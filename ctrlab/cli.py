@@ -21,7 +21,8 @@ from ctrlab.utils.signals import EXIT_INTERRUPTED, EXIT_TERMINATED, Interrupted,
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-    help="CTR prediction from YAML recipes: train, sweep, rank features, register, serve, inspect datasets.",
+    help="CTR prediction from YAML recipes: train, sweep, run a pipeline, rank features, register, serve, inspect "
+    "datasets.",
 )
 datasets_app = typer.Typer(no_args_is_help=True, help="Dataset cards and what is available locally.")
 app.add_typer(datasets_app, name="datasets")
@@ -97,6 +98,18 @@ def sweep(recipe: RecipeArg, overrides: OverridesArg = None, data_dir: DataDirOp
     from ctrlab.sweep.study import run_sweep
 
     result = run_sweep(recipe, overrides or [], data_dir=data_dir, console=err)
+    _print_json(result.summary())
+
+
+@app.command()
+def pipeline(recipe: RecipeArg, overrides: OverridesArg = None, data_dir: DataDirOpt = None,
+             overwrite: Annotated[bool, typer.Option("--overwrite", help="start again when output_dir holds a "
+                                                     "pipeline of another recipe")] = False) -> None:
+    """Run RECIPE's pipeline: the plain model, then each stage (rank, optfs, optinter, embedding, sweep, retrain,
+    register), each kept only when it does not cost validation AUC; rerun to resume after a stop."""
+    from ctrlab.pipeline.runner import run_pipeline
+
+    result = run_pipeline(recipe, overrides or [], data_dir=data_dir, console=err, overwrite=overwrite)
     _print_json(result.summary())
 
 

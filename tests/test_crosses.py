@@ -409,7 +409,7 @@ def test_an_interaction_without_crosses_is_a_recipe_error() -> None:
     for interaction in ({"kind": "pairs", "method": "memorize"}, {"kind": "optinter"}):
         with pytest.raises(RecipeError) as error:
             validate_recipe({**base, "interaction": interaction})
-        assert str(error.value) == ("recipe: (top level): interaction: the pair layer needs candidate pairs; add "
+        assert str(error.value) == ("recipe: interaction: the pair layer needs candidate pairs; add "
                                     "features.crosses (e.g. crosses: {pairs: all})")
     ok = validate_recipe({**base, "features": {**base["features"], "crosses": {}},
                           "interaction": {"kind": "pairs", "method": "factorize"}})

@@ -430,11 +430,25 @@ def test_the_outcome_rewinds_the_final_model_to_the_searched_weights_of_the_kept
     oov.categorical[:, 1][~torch.from_numpy(USER_MASK)[oov.categorical[:, 1]]] = OOV_ID
     oov.sequences["hist"][~torch.from_numpy(ITEM_MASK)[oov.sequences["hist"]]] = OOV_ID
     assert torch.equal(final.eval()(kept.apply_to_batch(batch, LAYOUT)), searched.eval()(oov))
-    # weights of another recipe's model are refused with the file's name
-    bad = OptFSOutcome(KeptFeatureSet(kept, []), retrain=True, full_layout=LAYOUT,
-                       rewind={**rewind, "nonsense.weight": torch.zeros(1)}, build_source=outcome.build_source)
-    with pytest.raises(DataError, match="rewind.safetensors"):
-        bad.prepare_model(final)
+    # A model changed since the search (a later pipeline stage): what fits is rewound, the rest starts from the
+    # recipe's initial values, and the summary names it.
+    wider = {**{k: v for k, v in rewind.items() if not k.startswith("embedding.")}, "nonsense.weight": torch.zeros(1),
+             **{k: torch.cat([v, v], dim=-1) for k, v in rewind.items() if k.startswith("embedding.")}}
+    seed_everything(9)
+    other = build_model(_embedding_config(), _block_config(), restricted)
+    initial = {k: v.clone() for k, v in other.state_dict().items()}
+    changed = OptFSOutcome(KeptFeatureSet(kept, []), retrain=True, full_layout=LAYOUT, rewind=wider,
+                           build_source=outcome.build_source)
+    changed.prepare_model(other)
+    fresh = changed.summary["rewind"]["initial values (the model changed since the search)"]
+    assert "nonsense.weight" in fresh and "embedding." in fresh
+    assert changed.summary["rewind"]["embedding"] == "initial values"
+    assert changed.summary["rewind"]["linear"] == "rewound rows"
+    for name, value in other.state_dict().items():
+        if name.startswith("embedding."):
+            assert torch.equal(value, initial[name]), name
+        elif not name.startswith("linear."):
+            assert torch.equal(value, rewind[name]), name
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -590,21 +604,22 @@ def test_a_retrain_from_a_run_without_a_search_is_a_data_error(runs, tmp_path: P
     assert not (tmp_path / "nowhere").exists()
 
 
-def test_a_retrain_whose_model_does_not_fit_the_rewound_weights_is_a_data_error(runs, tmp_path: Path) -> None:
-    """The gate.stages message invites "[retrain] with gate.from_run" to re-train with other settings; settings that
-    change the model's shapes must then be refused as a DataError naming rewind.safetensors (one line, exit 2), as
-    the missing/unexpected-key case of OptFSOutcome.prepare_model is."""
+def test_a_retrain_whose_model_changed_since_the_search_rewinds_what_fits_and_names_the_rest(runs,
+                                                                                              tmp_path: Path) -> None:
+    """A "[retrain] with gate.from_run" under other shapes (a pipeline's later stage widened the table): the kept
+    feature set still applies; the weights that no longer fit start from the recipe's initial values, and the
+    run's summary says which."""
     root, _, result, _ = runs
     raw = synthetic_recipe(tmp_path / "wider", {"dim": 16}, epochs=2)
     raw["gate"] = {**GATE, "stages": ["retrain"], "from_run": str(result.output_dir)}
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CTRLAB_CACHE_DIR", str(root / "cache"))
-        with pytest.raises(DataError) as raised:
-            train_recipe(validate_recipe(raw), console=QUIET)
-    message = raised.value.message
-    assert "rewind.safetensors" in message and "size mismatch" in message and "\n" not in message, message
-    assert "keep the search run's features, embedding and model shapes" in message
-    assert not (tmp_path / "wider").exists()
+        wider = train_recipe(validate_recipe(raw), console=QUIET)
+    found = wider.metrics["feature_search"]
+    assert found["values_kept"] == result.metrics["feature_search"]["values_kept"]
+    assert found["rewind"]["embedding"] == "initial values"
+    assert "embedding." in found["rewind"]["initial values (the model changed since the search)"]
+    assert wider.metrics["test"]["auc"] > 0.6
 
 
 def test_a_hashed_table_retrains_from_its_initial_values_and_reloads(runs) -> None:

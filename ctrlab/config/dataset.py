@@ -50,6 +50,8 @@ class DatasetConfig(Section):
 
     card: str | None = None
     synthetic: SyntheticConfig | None = None
+    seed: Int | None = Field(None, ge=0, le=MAX_SEED, description="seed of the data: synthetic rows and random "
+                             "splits (default: the recipe seed), so that runs of several seeds can share one data set")
     data_dir: str | None = Field(None, description="defaults to $CTRLAB_DATA_DIR or the --data-dir option")
     train: str | None = None
     valid: str | None = None

@@ -360,6 +360,9 @@ def _loc_to_path(loc: tuple[Any, ...], data: Any) -> str:
     return "".join(parts) or "(top level)"
 
 
+_KEY_FIRST = re.compile(r"^([A-Za-z_][\w]*(?:\[\d+\]|\.[A-Za-z_][\w]*)*): ")
+
+
 def format_validation_error(error: ValidationError, data: Any, source: str) -> str:
     first = error.errors()[0]
     path = _loc_to_path(tuple(first["loc"]), data)
@@ -379,6 +382,13 @@ def format_validation_error(error: ValidationError, data: Any, source: str) -> s
         if message.startswith("Value error, "):
             message = message[len("Value error, "):]
         message = shorten(message, limit=500, quote=False)
+        # A section's own check names the key inside the section ("stages[1].stage: ..."): one path, not two.
+        named = _KEY_FIRST.match(message)
+        if first["type"] == "value_error" and named:
+            inner = named.group(1)
+            path = inner if path == "(top level)" or inner.startswith(f"{path}.") else (
+                f"{path}{inner}" if inner.startswith("[") else f"{path}.{inner}")
+            message = message[named.end():]
         if first["type"] not in ("missing",) and "input" in first and not isinstance(first["input"], dict):
             detail = f" (got {shorten(repr(first['input']), quote=False)})"
     more = len(error.errors()) - 1

@@ -7,54 +7,19 @@ new block, embedding layer or gate (one new file that registers itself) needs no
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Union, cast
+from typing import Any
 
 from pydantic import Field, model_validator
 
-from ctrlab.blocks import BLOCKS
-from ctrlab.blocks.base import BlockConfigBase
 from ctrlab.config.base import MAX_SEED, Int, Section
 from ctrlab.config.dataset import DatasetConfig
 from ctrlab.config.distributed import DistributedConfig
 from ctrlab.config.features import FeaturesConfig
+from ctrlab.config.parts import EmbeddingConfig, GateConfig, InteractionConfig, ModelConfig, per_field_embedding
+from ctrlab.config.pipeline import PipelineConfig, check_stage_inputs
 from ctrlab.config.sweep import SweepConfig
 from ctrlab.config.tracking import TrackingConfig
 from ctrlab.config.train import TrainConfig
-from ctrlab.embeddings import EMBEDDINGS
-from ctrlab.embeddings.base import EmbeddingConfigBase
-from ctrlab.gates import GATES
-from ctrlab.interactions import INTERACTIONS
-from ctrlab.registry import Registry
-
-
-def _union(registry: Registry[Any]) -> Any:
-    configs = registry.configs()
-    if len(configs) == 1:
-        return configs[0]
-    return Annotated[Union[configs], Field(discriminator=registry.discriminator)]
-
-
-if TYPE_CHECKING:  # pragma: no cover - what a type checker sees of the unions: the fields every member has
-    class EmbeddingConfig(EmbeddingConfigBase):
-        kind: str
-
-    class ModelConfig(BlockConfigBase):
-        block: str
-
-    class GateConfig(Section):
-        kind: str
-
-    class InteractionConfig(Section):
-        kind: str
-else:
-    EmbeddingConfig = _union(EMBEDDINGS)
-    ModelConfig = _union(BLOCKS)
-    GateConfig = _union(GATES)
-    InteractionConfig = _union(INTERACTIONS)
-
-
-def _per_field() -> EmbeddingConfig:
-    return cast("EmbeddingConfig", EMBEDDINGS.get("per_field").config())
 
 
 class Recipe(Section):
@@ -67,7 +32,7 @@ class Recipe(Section):
     output_dir: str = "runs/${name}"
     dataset: DatasetConfig
     features: FeaturesConfig = FeaturesConfig()
-    embedding: EmbeddingConfig = Field(default_factory=lambda: _per_field())
+    embedding: EmbeddingConfig = Field(default_factory=per_field_embedding)
     model: ModelConfig
     gate: GateConfig | None = Field(None, description="a feature gate between embedding and block; kind optfs "
                                     "searches the feature set (stages run before the final training)")
@@ -78,6 +43,8 @@ class Recipe(Section):
     distributed: DistributedConfig = DistributedConfig()
     tracking: TrackingConfig = TrackingConfig()
     sweep: SweepConfig | None = None
+    pipeline: PipelineConfig | None = Field(None, description="the stages ctrlab pipeline runs, from this recipe "
+                                            "(the plain model) to a served model")
 
     @model_validator(mode="before")
     @classmethod
@@ -92,6 +59,14 @@ class Recipe(Section):
         if self.interaction is not None and self.features.crosses is None:
             raise ValueError("interaction: the pair layer needs candidate pairs; add features.crosses (e.g. "
                              "crosses: {pairs: all})")
+        return self
+
+    @model_validator(mode="after")
+    def _pipeline_inputs(self) -> Recipe:
+        if self.pipeline is not None:
+            given = {"feature_set"} if self.gate is not None else set()
+            given |= {"pair_methods"} if self.interaction is not None else set()
+            check_stage_inputs(self.pipeline.stages, given)
         return self
 
     @model_validator(mode="after")

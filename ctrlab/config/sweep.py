@@ -59,3 +59,6 @@ class SweepConfig(Section):
     storage: str | None = None
     study_name: str | None = Field(None, description="defaults to the recipe name")
     space: dict[str, ParamSpace] = Field(default_factory=dict)
+    baseline_trial: bool = Field(False, description="run the recipe's own values of the space as the first trial "
+                                 "(when every one lies in the space), so the best trial is never worse on validation "
+                                 "than the recipe as written")

@@ -120,8 +120,15 @@ def _resolve_file(name: str, data_dir: Path | None) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- sources
+def data_seed(config: DatasetConfig, recipe_seed: int) -> int:
+    """The seed that draws synthetic rows and random splits: ``dataset.seed``, else the recipe's."""
+    return config.seed if config.seed is not None else recipe_seed
+
+
 def load_raw_splits(config: DatasetConfig, seed: int, data_dir: str | Path | None = None) -> RawSplits:
-    """Read (or generate) the data a ``dataset`` section names and split it."""
+    """Read (or generate) the data a ``dataset`` section names and split it (``seed``: the recipe's, which
+    ``dataset.seed`` replaces when set)."""
+    seed = data_seed(config, seed)
     base = resolve_data_dir(config, data_dir)
     if config.synthetic is not None:
         return _synthetic_splits(config, seed)
@@ -224,6 +231,7 @@ def prepare_data(config: DatasetConfig, features: FeaturesConfig, seed: int, dat
     """Load, split, fit the processor on train, encode all splits; reuse the cache when data and schema match.
     In memory or streamed as :func:`loading_mode` decides (see :class:`PreparedData`)."""
     console = console or Console(stderr=True)
+    seed = data_seed(config, seed)
     if loading_mode(config, data_dir) == "stream":
         return _prepare_streamed(config, features, seed, resolve_data_dir(config, data_dir), console)
     raw = load_raw_splits(config, seed, data_dir)

@@ -246,24 +246,17 @@ class OptFSOutcome(SearchOutcome):
         """Rewind: the search's weights after ``rewind_epoch`` epochs, kept rows only (see the module docstring)."""
         assert self.build_source is not None
         source = self.build_source()
-        advice = ("a [retrain] from gate.from_run must keep the search run's features, embedding and model shapes; "
-                  "change only train settings, or search again")
-        try:
-            missing, unexpected = source.load_state_dict(self.rewind, strict=False)
-        except RuntimeError as error:  # shapes differ
-            shapes = " ".join(str(error).split())
-            shapes = shapes[shapes.find("size mismatch"):][:160] if "size mismatch" in shapes else shapes[:160]
-            raise DataError(f"{REWIND_FILE}: the rewound weights do not fit this recipe's model ({shapes}); "
-                            f"{advice}") from None
-        missing = [k for k in missing if not k.startswith("gate.")]
-        if missing or unexpected:
-            raise DataError(f"{REWIND_FILE}: the rewound weights do not fit this recipe's model (missing {missing}, "
-                            f"unexpected {unexpected}); {advice}")
+        # A later stage may have changed the model since the search (another embedding kind, other widths): what
+        # still fits is rewound, the rest starts from the recipe's own initial values, and the summary says which.
+        shapes = {key: value.shape for key, value in source.state_dict().items()}
+        fitting = {k: v for k, v in self.rewind.items() if k in shapes and shapes[k] == v.shape}
+        changed = sorted(k for k in self.rewind if k not in fitting)
+        source.load_state_dict(fitting, strict=False)
         target = model.state_dict()
         fresh: list[str] = []
         with torch.no_grad():
             for key, value in source.state_dict().items():
-                if key in target and not key.startswith(EMBEDDING_PARTS + ("gate.",)):
+                if key in target and key not in changed and not key.startswith(EMBEDDING_PARTS + ("gate.",)):
                     # A later search (a pair layer) may have changed a dense part's shape: it starts afresh.
                     if target[key].shape == value.shape:
                         target[key].copy_(value)
@@ -274,10 +267,13 @@ class OptFSOutcome(SearchOutcome):
                 module: FeatureEmbedding | None = getattr(model, part)
                 origin: FeatureEmbedding | None = getattr(source, part)
                 if module is not None and origin is not None:
+                    if any(key.startswith(f"{part}.") for key in changed):  # its own initial values stay
+                        tables[part] = "initial values"
+                        continue
                     copied = module.load_kept_rows(origin, self.kept)
                     tables[part] = "rewound rows" if copied else "initial values"
-        if fresh:
-            tables["initial values (shape changed by a later search)"] = ", ".join(fresh)
+        if fresh or changed:
+            tables["initial values (the model changed since the search)"] = ", ".join(sorted({*fresh, *changed}))
         self.summary["rewind"] = tables
 
 

@@ -105,6 +105,38 @@ def sample_params(trial: optuna.trial.BaseTrial, space: dict[str, ParamSpace],
     return params
 
 
+def baseline_params(space: dict[str, ParamSpace], base: dict[str, Any]) -> dict[str, Any] | None:
+    """The recipe's own values of the space's keys as Optuna's fixed parameters (categorical choices encoded as
+    :func:`suggest` stores them), or None when one lies outside its range or choices (the recipe is then no point
+    of the space)."""
+    fixed: dict[str, Any] = {}
+    overrides: dict[str, Any] = {}
+    for key in sample_order(space):
+        spec = space[key]
+        if spec.when and not condition_holds(spec.when, base, overrides):
+            continue
+        try:
+            value = get_path(base, key.split("."))
+        except KeyError:
+            return None
+        if spec.type == "categorical":
+            if value not in (spec.choices or []):
+                return None
+            fixed[key] = _encode_choice(value)
+        else:
+            assert spec.low is not None and spec.high is not None
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not spec.low <= value <= spec.high:
+                return None
+            if spec.type == "int" and value != int(value):
+                return None
+            steps = (value - spec.low) / spec.step if spec.step is not None else 0.0
+            if abs(steps - round(steps)) > 1e-9:
+                return None
+            fixed[key] = int(value) if spec.type == "int" else float(value)
+        overrides[key] = value
+    return fixed
+
+
 def apply_params(raw: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     """A copy of the raw recipe mapping with the overrides written in."""
     data = copy.deepcopy(raw)

@@ -40,9 +40,10 @@ from ctrlab.config.loader import parse_override, read_recipe_file, recipe_to_dic
 from ctrlab.config.schema import Recipe
 from ctrlab.config.sweep import SweepConfig
 from ctrlab.errors import CtrlabError, RecipeError
-from ctrlab.sweep.space import apply_params, check_space, sample_params
+from ctrlab.sweep.space import apply_params, baseline_params, check_space, sample_params
 from ctrlab.utils.io import remove_stale_in, write_text_atomic
 from ctrlab.utils.output_dir import OutputFolder
+from ctrlab.utils.signals import Interrupted, Terminated
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -59,6 +60,11 @@ HEARTBEAT_INTERVAL = int(os.environ.get("CTRLAB_SWEEP_HEARTBEAT_INTERVAL", "10")
 HEARTBEAT_GRACE = int(os.environ.get("CTRLAB_SWEEP_HEARTBEAT_GRACE", "30"))
 #: How often a worker looks again while the rest of the budget is taken by other workers' running trials.
 WAIT_POLL_SECONDS = 2.0
+
+#: User attributes: a trial stopped by a signal or a killed worker (``interrupted``), and the trial a rerun of it
+#: repeats (``retry_of``).
+INTERRUPTED = "interrupted"
+RETRY_OF = "retry_of"
 
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 _TAKEN = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
@@ -165,16 +171,22 @@ def _sampler_factory(config: SweepConfig) -> Any:
 
 
 class _PerTrialSeeded(optuna.samplers.BaseSampler):
-    """A sampler re-created for every trial with seed ``recipe seed + trial number``: a single worker's sweep is
-    reproducible, and workers sharing a study (or a rerun) never replay each other's random draws."""
+    """A sampler re-created for every trial with seed ``recipe seed + the trial's place``: its number less the
+    interrupted trials before it (each was run again, under the next number, with its parameters). A single
+    worker's sweep is reproducible, interrupted and resumed or not, and workers sharing a study never replay each
+    other's random draws."""
 
     def __init__(self, factory: Any, seed: int) -> None:
         self._factory = factory
         self._seed = seed
         self._inner: optuna.samplers.BaseSampler = factory(seed)
+        self.current_trial_id: int | None = None  # the trial this worker asked for last
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self._inner = self._factory(self._seed + trial.number)
+        interrupted = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                          if t.number < trial.number and was_interrupted(t))
+        self._inner = self._factory(self._seed + trial.number - interrupted)
+        self.current_trial_id = trial._trial_id
         self._inner.before_trial(study, trial)
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
@@ -205,8 +217,9 @@ def _pruner(config: SweepConfig, epochs: int) -> optuna.pruners.BasePruner:
 
 
 @contextlib.contextmanager
-def _parent_run(recipe: Recipe, study_name: str) -> Iterator[Any]:
-    """The worker's MLflow parent run (a RunLogger), or None when tracking is off or unavailable."""
+def _parent_run(recipe: Recipe, study_name: str, parent_run_id: str | None = None) -> Iterator[Any]:
+    """The worker's MLflow parent run (a RunLogger; nested under ``parent_run_id`` when given, e.g. a pipeline
+    stage's run), or None when tracking is off or unavailable."""
     if not recipe.tracking.enabled:
         yield None
         return
@@ -216,7 +229,7 @@ def _parent_run(recipe: Recipe, study_name: str) -> Iterator[Any]:
         yield None
         return
     experiment = recipe.tracking.experiment or recipe.name
-    with mlflow_run(recipe.tracking, experiment, run_name=f"{study_name}-sweep",
+    with mlflow_run(recipe.tracking, experiment, run_name=f"{study_name}-sweep", parent_run_id=parent_run_id,
                     tags={"ctrlab.kind": "sweep", "ctrlab.study": study_name}) as logger:
         yield logger
 
@@ -269,12 +282,43 @@ def _fail_trials_without_heartbeat(study: optuna.Study, grace_seconds: float) ->
             continue
         if (now - started.replace(tzinfo=None)).total_seconds() > grace_seconds:
             with contextlib.suppress(Exception):  # another worker may have settled it meanwhile
-                storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+                _mark_interrupted(storage, trial._trial_id)
+
+
+def was_interrupted(trial: FrozenTrial) -> bool:
+    """A FAILed trial that did not fail by itself: stopped by a signal (marked ``interrupted``), or its worker died
+    (Optuna failed it when its heartbeat went stale, which leaves no error); not one whose training raised or
+    whose budget other workers took (those carry ``error`` / ``surplus``)."""
+    attrs = trial.user_attrs
+    return trial.state == TrialState.FAIL and (bool(attrs.get(INTERRUPTED)) or
+                                               not ("error" in attrs or "surplus" in attrs))
+
+
+def _mark_interrupted(storage: Any, trial_id: int) -> None:
+    """Record a RUNNING trial as interrupted and FAIL (it is run again: see :func:`_retry_interrupted`)."""
+    if storage.get_trial(trial_id).state == TrialState.RUNNING:
+        storage.set_trial_user_attr(trial_id, INTERRUPTED, True)
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+
+
+def _retry_interrupted(study: optuna.Study, console: Console) -> None:
+    """Queue, once each, the parameters of the trials that were interrupted (a signal, or a killed worker whose
+    heartbeat stopped): the budget counts finished trials only, so a resumed sweep ends with the same trials as one
+    that was never stopped, none lost and none run twice."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get(RETRY_OF) for t in trials}
+    for trial in trials:
+        if was_interrupted(trial) and trial.number not in retried:
+            console.print(f"trial {trial.number:>3} was interrupted: it runs again with the same parameters",
+                          highlight=False)
+            study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number})
 
 
 def run_sweep(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (),
-              data_dir: str | Path | None = None, console: Console | None = None) -> SweepResult:
-    """Run (or resume, or join) the recipe's study as one worker; see the module docstring."""
+              data_dir: str | Path | None = None, console: Console | None = None,
+              parent_run_id: str | None = None) -> SweepResult:
+    """Run (or resume, or join) the recipe's study as one worker; see the module docstring. ``parent_run_id``:
+    an MLflow run to nest the worker's run under."""
     console = console or Console(stderr=True)
     source = str(recipe_path)
     raw = read_recipe_file(recipe_path)
@@ -309,9 +353,10 @@ def run_sweep(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = 
 
     storage = make_storage(storage_url, on_stale)
     factory = _sampler_factory(config)
+    sampler = _PerTrialSeeded(factory, base.seed)
     with _optuna_quiet():
         study = optuna.create_study(storage=storage, study_name=study_name, direction=direction,
-                                    sampler=_PerTrialSeeded(factory, base.seed),
+                                    sampler=sampler,
                                     pruner=_pruner(config, base.train.epochs), load_if_exists=True)
     if study.direction.name.lower() != direction:
         raise RecipeError(f"{source}: study '{study_name}' in {redact_url(storage_url)} is set to "
@@ -326,7 +371,13 @@ def run_sweep(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = 
                   f"{direction} valid {monitor}", highlight=False, soft_wrap=True)
     console.print(f"storage {escape(redact_url(storage_url))}", highlight=False, soft_wrap=True)
 
-    with _parent_run(base, study_name) as parent:
+    if config.baseline_trial and not study.get_trials(deepcopy=False):
+        first = baseline_params(config.space, base_dict)
+        if first is not None:
+            console.print("trial   0 runs the recipe's own values of the space (sweep.baseline_trial)", highlight=False)
+            study.enqueue_trial(first, user_attrs={"baseline": True})
+
+    with _parent_run(base, study_name, parent_run_id) as parent:
         if parent is not None:
             parent.log_params({"sweep.n_trials": n_trials, "sweep.sampler": config.sampler,
                                "sweep.pruner": config.pruner, "sweep.study_name": study_name,
@@ -341,6 +392,11 @@ def run_sweep(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = 
                 return _objective(trial)
             except optuna.TrialPruned:
                 raise
+            except (Terminated, Interrupted, KeyboardInterrupt):
+                # Recorded now (a SIGTERM would leave it RUNNING until its heartbeat goes stale) and run again, with
+                # the same parameters, by the next worker (see _retry_interrupted).
+                trial.set_user_attr(INTERRUPTED, True)  # FAIL: by Optuna (Ctrl-C), or below (a signal)
+                raise
             except BaseException as error:
                 errors[trial.number] = error
                 trial.set_user_attr("error", _one_line(error)[:500])
@@ -352,6 +408,8 @@ def run_sweep(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = 
             if ahead >= n_trials:
                 trial.set_user_attr("surplus", True)
                 raise _BudgetTaken("not run: the budget was taken by other workers meanwhile")
+            # A queued trial (the baseline, or a rerun) gets its fixed values from the suggestions, which record them
+            # as the trial's parameters, as the sampler needs.
             params = sample_params(trial, config.space, base_dict)
             trial.set_user_attr("overrides", params)
             data = apply_params(raw, params)
@@ -403,6 +461,7 @@ def run_sweep(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = 
             while True:
                 optuna.storages.fail_stale_trials(study)
                 _fail_trials_without_heartbeat(study, HEARTBEAT_GRACE)
+                _retry_interrupted(study, console)
                 trials = study.get_trials(deepcopy=False)
                 finished = sum(1 for t in trials if t.state in _FINISHED)
                 running = sum(1 for t in trials if t.state == TrialState.RUNNING)
@@ -420,12 +479,20 @@ def run_sweep(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = 
                     continue
                 waiting_said = False
                 before = len(mine)
-                study.optimize(objective, n_trials=n_trials - finished - running, timeout=remaining_time,
-                               catch=(Exception,),
-                               callbacks=[on_trial, optuna.study.MaxTrialsCallback(n_trials, states=_FINISHED),
-                                          # after a trial of ours ends, RUNNING ones are other workers': when
-                                          # they would fill the budget, stop asking (and wait above)
-                                          optuna.study.MaxTrialsCallback(n_trials, states=_TAKEN)])
+                try:
+                    study.optimize(objective, n_trials=n_trials - finished - running, timeout=remaining_time,
+                                   catch=(Exception,),
+                                   callbacks=[on_trial, optuna.study.MaxTrialsCallback(n_trials, states=_FINISHED),
+                                              # after a trial of ours ends, RUNNING ones are other workers': when
+                                              # they would fill the budget, stop asking (and wait above)
+                                              optuna.study.MaxTrialsCallback(n_trials, states=_TAKEN)])
+                except (Terminated, Interrupted, KeyboardInterrupt):
+                    # Stopped outside the objective (asking for the trial, sampling): the trial is recorded as
+                    # interrupted now, so the next worker runs it again instead of waiting for its heartbeat.
+                    if sampler.current_trial_id is not None:
+                        with contextlib.suppress(Exception):  # already finished: nothing to mark
+                            _mark_interrupted(study._storage, sampler.current_trial_id)
+                    raise
                 round_trials = [t for t in mine[before:] if not t.user_attrs.get("surplus")]
                 if round_trials and not any(t.state in _FINISHED for t in round_trials):
                     _all_failed(console, round_trials, errors, study)

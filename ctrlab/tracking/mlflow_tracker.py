@@ -291,9 +291,11 @@ class RunLogger:
 
 @contextmanager
 def mlflow_run(tracking: TrackingConfig, experiment: str, run_name: str | None = None,
-               parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> Iterator[RunLogger | None]:
+               parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+               resume_run_id: str | None = None) -> Iterator[RunLogger | None]:
     """Open one MLflow run for the ``with`` block and yield its :class:`RunLogger` (``None`` when
-    ``tracking.enabled`` is false).
+    ``tracking.enabled`` is false). With ``resume_run_id``, a run of this store and experiment, that run is opened
+    again (status RUNNING) instead of a new one: a resumed pipeline keeps its one parent run.
 
     The experiment is created when missing. With ``parent_run_id`` the run is nested under that run (tag
     ``mlflow.parentRunId``; the MLflow UI nests runs of the same experiment). The run ends FINISHED when the block
@@ -314,8 +316,13 @@ def mlflow_run(tracking: TrackingConfig, experiment: str, run_name: str | None =
     if parent_run_id:
         all_tags[PARENT_RUN_TAG] = parent_run_id
     all_tags.update(tags or {})
-    run = client.create_run(experiment_id, tags={_key(k): str(v) for k, v in all_tags.items()}, run_name=run_name)
-    logger = RunLogger(client, run.info.run_id, uri, experiment_id)
+    run_id = _resumable(client, resume_run_id, experiment_id)
+    if run_id is None:
+        run_id = client.create_run(experiment_id, tags={_key(k): str(v) for k, v in all_tags.items()},
+                                   run_name=run_name).info.run_id
+    else:
+        client.update_run(run_id, status="RUNNING")
+    logger = RunLogger(client, run_id, uri, experiment_id)
     try:
         yield logger
     except (KeyboardInterrupt, Interrupted, Terminated):
@@ -325,6 +332,19 @@ def mlflow_run(tracking: TrackingConfig, experiment: str, run_name: str | None =
         _terminate(logger, "FAILED")
         raise
     _terminate(logger, "FINISHED", quiet=False)
+
+
+def _resumable(client: MlflowClient, run_id: str | None, experiment_id: str) -> str | None:
+    """``run_id`` when it names a live run of ``experiment_id`` in this store, else None."""
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except Exception:  # another store, or deleted: start a new run
+        return None
+    if run.info.experiment_id != experiment_id or run.info.lifecycle_stage != "active":
+        return None
+    return run_id
 
 
 def _terminate(logger: RunLogger, status: str, quiet: bool = True) -> None:

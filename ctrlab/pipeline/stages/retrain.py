@@ -1,0 +1,69 @@
+"""Stage ``retrain``: the model the stages kept, trained again under several seeds; the one best on validation is
+the pipeline's model, and the seeds' test metrics are what the pipeline reports."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator
+
+from ctrlab.config.base import MAX_SEED, Int
+from ctrlab.pipeline.base import PipelineStage, StageContext, StageResult, register_stage
+from ctrlab.pipeline.stage_config import StageConfigBase
+
+
+class RetrainStageConfig(StageConfigBase):
+    """Train the kept model once per seed of ``seeds`` (default: the recipe seed and the next two). The data (the
+    synthetic rows and random splits) stay those of the recipe seed (``dataset.seed``): the seeds vary the model's
+    initialisation, dropout and batch order only."""
+
+    stage: Literal["retrain"]
+    seeds: list[Int] | None = Field(None, min_length=1, max_length=100, description="training seeds")
+
+    ORDER: ClassVar[int] = 60
+    PRODUCES: ClassVar[frozenset[str]] = frozenset({"final_model"})
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int] | None) -> list[int] | None:
+        if seeds is not None:
+            if len(set(seeds)) != len(seeds):
+                raise ValueError(f"seeds must be distinct, got {seeds}")
+            if any(not 0 <= seed <= MAX_SEED for seed in seeds):
+                raise ValueError(f"seeds must lie in 0..{MAX_SEED}")
+        return seeds
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+@register_stage(RetrainStageConfig)
+class RetrainStage(PipelineStage):
+    name = "retrain"
+
+    def estimate(self, config: Any, plain_seconds: float, epoch_seconds: float) -> float:
+        return plain_seconds * (len(config.seeds) if config.seeds else 3)
+
+    def run(self, context: StageContext) -> StageResult:
+        recipe = context.base_recipe()
+        seed = int(recipe.get("seed", 2021))
+        seeds = context.config.seeds or [seed, seed + 1, seed + 2]
+        dataset = recipe.setdefault("dataset", {})
+        if dataset.get("seed") is None:
+            dataset["seed"] = seed  # the data stay the recipe seed's
+        finals = []
+        for each in seeds:
+            finals.append(context.train({**recipe, "seed": each}, f"seed-{each}"))
+        metric = context.monitor
+        sign = -1.0 if metric == "logloss" else 1.0
+        best = max(finals, key=lambda c: sign * c.valid(metric))
+        decision: dict[str, Any] = {"seeds": seeds, "chosen_seed": int(best.recipe.get("seed", seeds[0])),
+                                    "chosen_run": str(best.run_dir)}
+        for split in ("valid", "test"):
+            for name in sorted(best.metrics.get(split, {})):
+                values = [c.valid(name) if split == "valid" else c.test(name) for c in finals]
+                mean, std = _mean_std(values)
+                decision[f"{split}_{name}"] = {"mean": mean, "std": std, "by_seed": values}
+        return StageResult(best, decision, judged=False, finals=finals)
