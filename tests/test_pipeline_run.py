@@ -120,17 +120,18 @@ def test_every_stage_runs_in_order_and_the_report_says_what_each_decided(ran) ->
     assert final["test_auc"]["mean"] == pytest.approx(np.mean(final["test_auc"]["by_seed"]))
 
 
-def test_a_stage_is_kept_only_within_the_tolerance_of_the_model_before_it_and_of_the_plain_model(ran) -> None:
+def test_a_stage_is_kept_only_within_the_tolerance_of_the_model_before_it_and_of_the_plain_model_and_if_smaller(
+        ran) -> None:
     records = ran["result"].records
     plain = records[0].candidate["valid"]["auc"]
-    held = plain
+    held, held_size = plain, records[0].candidate["parameters"]
     for record in records[1:]:
         if record.outcome in ("kept", "rolled_back"):
-            value = record.candidate["valid"]["auc"]
-            kept = value >= held - 0.0005 and value >= plain - 0.0005
+            value, size = record.candidate["valid"]["auc"], record.candidate["parameters"]
+            kept = value >= held - 0.0005 and value >= plain - 0.0005 and (value >= held or size < held_size)
             assert (record.outcome == "kept") == kept, (record.stage, value, held, plain)
             if kept:
-                held = value
+                held, held_size = value, size
     final = next(r for r in records if r.stage == "retrain")
     assert final.incumbent_run == final.decision["chosen_run"]
 
@@ -335,22 +336,26 @@ def test_a_changed_recipe_does_not_resume_another_pipeline_without_overwrite(tmp
 
 
 # ------------------------------------------------------------------------------------------- the parts
-def _candidate(auc: float) -> Candidate:
-    return Candidate({}, Path("."), {"valid": {"auc": auc, "logloss": 1 - auc}})
+def _candidate(auc: float, parameters: int = 1000) -> Candidate:
+    return Candidate({}, Path("."), {"valid": {"auc": auc, "logloss": 1 - auc}, "model_parameters": parameters})
 
 
 def test_judge_keeps_a_stage_within_the_tolerance_of_both_the_model_before_it_and_the_plain_model() -> None:
     plain = _candidate(0.80)
-    assert judge(_candidate(0.8004), _candidate(0.8006), plain, "auc", 0.0005)[0]
+    assert judge(_candidate(0.8004, 900), _candidate(0.8006), plain, "auc", 0.0005)[0]
+    # the tolerance buys a smaller model, never a worse one of the same size
+    kept, reason = judge(_candidate(0.8004), _candidate(0.8006), plain, "auc", 0.0005)
+    assert not kept and "and no smaller (1,000 parameters against 1,000)" in reason
+    assert judge(_candidate(0.8007, 5000), _candidate(0.8006), plain, "auc", 0.0005)[0]  # better: size is free
     kept, reason = judge(_candidate(0.7990), _candidate(0.8000), plain, "auc", 0.0005)
     assert not kept and "0.00100 worse than the model before it" in reason
     # within the tolerance of the model before it, but the costs would add up below the plain model
-    kept, reason = judge(_candidate(0.7992), _candidate(0.7996), plain, "auc", 0.0005)
+    kept, reason = judge(_candidate(0.7992, 900), _candidate(0.7996), plain, "auc", 0.0005)
     assert not kept and "worse than the plain recipe's model" in reason
     assert not judge(_candidate(math.nan), plain, plain, "auc", 0.0005)[0]
     # logloss: lower is better
     assert judge(_candidate(0.81), plain, plain, "logloss", 0.0)[0]
-    assert not judge(_candidate(0.79), plain, plain, "logloss", 0.0)[0]
+    assert not judge(_candidate(0.79, 900), plain, plain, "logloss", 0.0)[0]
 
 
 def test_shares_split_the_time_left_by_estimate_after_the_stages_own_minutes() -> None:
@@ -396,3 +401,23 @@ def test_a_data_seed_keeps_the_data_when_the_training_seed_changes() -> None:
     assert first.equals(load_raw_splits(dataset, 2).frames["test"])
     other = dataset.model_copy(update={"seed": None})
     assert not load_raw_splits(other, 1).frames["test"].equals(load_raw_splits(other, 2).frames["test"])
+
+
+def test_a_sweep_over_a_search_knob_searches_again_in_each_trial_and_so_do_the_searches_after_it(
+        tmp_path: Path) -> None:
+    from ctrlab.config.sweep import ParamSpace
+    from ctrlab.pipeline.stages.sweep import researched
+
+    recipe = small_recipe(tmp_path, [{"stage": "retrain"}])
+    del recipe["pipeline"]
+    recipe["features"]["crosses"] = {"pairs": "all"}
+    recipe["gate"] = {"kind": "optfs", "stages": ["retrain"], "from_run": str(tmp_path)}
+    recipe["interaction"] = {"kind": "optinter", "stages": ["retrain"], "from_run": str(tmp_path)}
+    recipe["embedding"] = {"kind": "dnis", "dim": 4, "stages": ["retrain"], "from_run": str(tmp_path)}
+    lr = {"train.optimizer.lr": ParamSpace(type="float", low=1e-4, high=1e-2)}
+    assert researched(copy.deepcopy(recipe), lr) == recipe  # nothing searched again
+    knob = {"interaction.arch_lr": ParamSpace(type="float", low=1e-3, high=1e-1)}
+    again = researched(copy.deepcopy(recipe), knob)
+    assert again["gate"] == recipe["gate"]  # before the knob's section: fixed
+    assert again["interaction"]["stages"] == ["search", "retrain"] and again["interaction"]["from_run"] is None
+    assert again["embedding"]["stages"] == ["search", "retrain"] and again["embedding"]["from_run"] is None

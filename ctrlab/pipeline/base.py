@@ -23,7 +23,6 @@ from rich.console import Console
 from rich.markup import escape
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ctrlab.config.schema import Recipe
     from ctrlab.pipeline.stage_config import StageConfigBase
 
 @dataclass
@@ -78,8 +77,7 @@ class StageResult:
 class StageContext:
     """What a stage gets: its config and position, its folder (``directory``), the model before it
     (``incumbent``) and the plain recipe's model (``plain``), the metric the pipeline judges by, the data
-    directory, the console, the stage's MLflow run id (trainings nest under it), its time budget and what earlier
-    stages decided (``decisions`` by stage name)."""
+    directory, the console, the stage's MLflow run id (trainings nest under it) and its time budget."""
 
     config: Any
     index: int
@@ -91,8 +89,6 @@ class StageContext:
     console: Console
     mlflow_run_id: str | None
     budget_seconds: float | None
-    decisions: dict[str, dict[str, Any]] = field(default_factory=dict)
-    trainer: Callable[[Recipe, str | Path | None, Console, str | None], Any] | None = None
 
     @property
     def name(self) -> str:
@@ -120,8 +116,10 @@ class StageContext:
             self.say(f"{name}: finished earlier, read back from {resolved.output_dir}")
             return done
         started = time.perf_counter()
-        train = self.trainer or _train
-        train(resolved, self.data_dir, self.console, self.mlflow_run_id)
+        from ctrlab.train.run import train_recipe
+
+        train_recipe(resolved, data_dir=self.data_dir, console=self.console, parent_run_id=self.mlflow_run_id,
+                     overwrite=True)
         candidate = read_candidate(Path(resolved.output_dir))
         assert candidate is not None, resolved.output_dir
         self.say(f"{name}: valid {self.monitor} {candidate.valid(self.monitor):.5f} "
@@ -132,12 +130,6 @@ class StageContext:
 def _number(value: Any) -> float:
     """A metric read back from JSON (where an undefined one is null) as a float, NaN when undefined."""
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else float("nan")
-
-
-def _train(recipe: Recipe, data_dir: str | Path | None, console: Console, parent_run_id: str | None) -> Any:
-    from ctrlab.train.run import train_recipe
-
-    return train_recipe(recipe, data_dir=data_dir, console=console, parent_run_id=parent_run_id, overwrite=True)
 
 
 def read_candidate(run_dir: Path, digest: str | None = None) -> Candidate | None:

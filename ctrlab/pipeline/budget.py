@@ -41,7 +41,9 @@ def maximize(metric: str) -> bool:
 def judge(candidate: Candidate, before: Candidate, plain: Candidate, metric: str,
           tolerance: float) -> tuple[bool, str]:
     """Keep ``candidate`` when its validation ``metric`` is at most ``tolerance`` worse than the model before it
-    and than the plain recipe's model (so costs cannot add up over the stages); the reason, in words."""
+    and than the plain recipe's model (so costs cannot add up over the stages), and, when it is worse at all, only
+    if it is smaller (fewer parameters): the tolerance buys a smaller model, never a worse one of the same size. The
+    reason, in words."""
     sign = 1.0 if maximize(metric) else -1.0
     value = candidate.valid(metric)
     if math.isnan(value):
@@ -54,4 +56,10 @@ def judge(candidate: Candidate, before: Candidate, plain: Candidate, metric: str
     if against_plain < -tolerance:
         return False, (f"valid {metric} {value:.5f} is {-against_plain:.5f} worse than the plain recipe's model "
                        f"({plain.valid(metric):.5f}; tolerance {tolerance:g})")
-    return True, f"valid {metric} {value:.5f} ({against_before:+.5f} against the model before it)"
+    if against_before < 0 and candidate.parameters >= before.parameters:
+        return False, (f"valid {metric} {value:.5f} is {-against_before:.5f} worse than the model before it "
+                       f"({before.valid(metric):.5f}) and no smaller ({candidate.parameters:,} parameters against "
+                       f"{before.parameters:,})")
+    smaller = (f"; {before.parameters:,} -> {candidate.parameters:,} parameters"
+               if candidate.parameters != before.parameters else "")
+    return True, f"valid {metric} {value:.5f} ({against_before:+.5f} against the model before it{smaller})"

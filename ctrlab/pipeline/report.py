@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
-from ctrlab.pipeline.state import StageRecord
+from ctrlab.pipeline.state import STAGES_DIR, StageRecord
 from ctrlab.utils.io import atomic_path, write_text_atomic
 
 REPORT_FILE = "report.md"
@@ -139,11 +139,10 @@ def write_report(output_dir: Path, records: list[StageRecord], metric: str, cons
         lines.append("")
         lines.append(f"{record.reason}.")
         lines.extend(_details(record))
-        stage_dir = Path(record.candidate["run_dir"]).parent if record.candidate else None
-        if stage_dir is not None:
-            for pattern in _STAGE_PICTURES:
-                for picture in sorted(stage_dir.glob(pattern)):
-                    lines.append(f"\n![{picture.name}]({picture.relative_to(output_dir)})")
+        stage_dir = output_dir / STAGES_DIR / f"{record.index:02d}-{record.stage}"
+        for pattern in _STAGE_PICTURES:
+            for picture in sorted(stage_dir.glob(pattern)):
+                lines.append(f"\n![{picture.name}]({picture.relative_to(output_dir)})")
         lines.append("")
     path = output_dir / REPORT_FILE
     write_text_atomic(path, "\n".join(lines) + "\n")

@@ -4,10 +4,10 @@ First the plain recipe (the recipe without its ``pipeline`` section) is trained:
 listed stage, in order, proposes a model built on the model the pipeline holds (the *incumbent*): the recipe with
 what the stage found (features dropped, a feature set, pair methods, table dims, hyper-parameters). The proposal is
 judged on validation (:func:`~ctrlab.pipeline.budget.judge`): kept when it costs at most ``pipeline.tolerance``
-against the incumbent and against the plain model, else reported and rolled back, so the pipeline never ends below
-the plain recipe on validation. A kept stage's searches are fixed (``from_run``, re-train only) for the stages
-after it. The retrain stage trains the incumbent under several seeds; the register stage registers the seed best on
-validation.
+against the incumbent and against the plain model, and, when it costs anything, only if it is smaller; else reported
+and rolled back, so the pipeline never ends below the plain recipe on validation. A kept stage's searches are fixed
+(``from_run``, re-train only) for the stages after it. The retrain stage trains the incumbent under several seeds;
+the register stage registers the seed best on validation.
 
 Everything lands in ``output_dir``: ``stages/<NN>-<stage>/`` (each stage's runs, ranking, study),
 ``pipeline.json`` (the state: one record per finished stage, written atomically after each), ``report.md`` and its
@@ -188,7 +188,6 @@ class _Runner:
         self.total_seconds = hours * 3600.0 if hours is not None else None
         self.incumbent = Candidate(plain_recipe, output_dir, {})
         self.plain = self.incumbent
-        self.decisions: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------------------------------ estimates
     def _plain_times(self) -> tuple[float, float, bool]:
@@ -260,7 +259,6 @@ class _Runner:
         self.incumbent = Candidate(copy.deepcopy(record.incumbent_recipe), run_dir, metrics)
         if record.index == 0:
             self.plain = self.incumbent
-        self.decisions[record.stage] = record.decision
 
     def _run_stage(self, index: int, config: Any) -> StageRecord:
         stage = _impl(config)
@@ -287,8 +285,7 @@ class _Runner:
                         parent_run_id=self.parent.run_id if self.parent is not None else None,
                         tags={"ctrlab.kind": "pipeline-stage", "ctrlab.stage": config.stage}) as stage_run:
             context = StageContext(config, index, directory, self.incumbent, self.plain, self.monitor, self.data_dir,
-                                   self.console, stage_run.run_id if stage_run is not None else None, budget,
-                                   dict(self.decisions))
+                                   self.console, stage_run.run_id if stage_run is not None else None, budget)
             result = stage.run(context)
             seconds = time.perf_counter() - started
             outcome, reason = self._decide(config, result)
