@@ -100,8 +100,13 @@ def test_every_stage_runs_in_order_and_the_report_says_what_each_decided(ran) ->
     assert stages == ["plain", "rank", "optfs", "optinter", "embedding", "sweep", "retrain", "register"]
     outcomes = {r.stage: r.outcome for r in result.records}
     assert outcomes["plain"] == "kept" and outcomes["retrain"] == "final" and outcomes["register"] == "registered"
-    for stage in ("optfs", "optinter", "embedding", "sweep"):
+    for stage in ("optfs", "optinter", "embedding"):
         assert outcomes[stage] in ("kept", "rolled_back"), outcomes
+    sweep = next(r for r in result.records if r.stage == "sweep")
+    # its first trial retrains the model before it: a sweep that finds nothing better proposes nothing
+    assert sweep.outcome == ("nothing_proposed" if sweep.decision["best_is_baseline"] else "kept"), sweep
+    first = pl.read_csv(out / "stages" / "05-sweep" / "study" / "trials.csv").row(0, named=True)
+    assert first["number"] == 0 and json.loads(first["params"]) == {"train.optimizer.lr": 0.001}
     rank = next(r for r in result.records if r.stage == "rank")
     assert rank.decision["dropped"] and set(rank.decision["dropped"]) | set(rank.decision["kept"]) == {
         "C1", "C2", "C3", "C4", "C5", "C6", "I1", "I2"}

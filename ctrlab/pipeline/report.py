@@ -34,6 +34,10 @@ def _fmt(value: Any, spec: str = ".5f") -> str:
     return format(value, spec)
 
 
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _held(records: list[StageRecord], metric: str) -> tuple[list[float], list[float]]:
     """The validation metric of the model the pipeline held before and after each record."""
     held, before, after = math.nan, [], []
@@ -61,12 +65,19 @@ def decision_text(record: StageRecord) -> str:
         return (f"{d.get('pairs')} pairs: memorise {counts['memorize']}, factorise {counts['factorize']}, "
                 f"naive {counts['naive']}")
     if record.stage == "embedding":
-        dims = d.get("dims")
-        text = f"{d.get('kind')}: embedding parameters {d.get('embedding_parameters_before')} -> " \
-               f"{d.get('embedding_parameters')}"
-        return text + (f"; dims {dims}" if dims else "")
+        dims = d.get("dims") or {}
+        text = (f"{d.get('kind')}: embedding parameters {_fmt(d.get('embedding_parameters_before'), ',')} -> "
+                f"{_fmt(d.get('embedding_parameters'), ',')}")
+        if len(set(dims.values())) == 1:
+            return text + f"; every field {next(iter(dims.values()))} dims"
+        return text + ("; dims " + ", ".join(f"{name} {dim}" for name, dim in dims.items()) if dims else "")
     if record.stage == "sweep":
-        return f"best trial {d.get('best_trial')} of {d.get('trials')}: {d.get('best_params')}"
+        counts = d.get("trials") or {}
+        done = ", ".join(f"{n} {state.lower()}" for state, n in sorted(counts.items()))
+        best = d.get("best_params") or {}
+        params = ", ".join(f"{key.split('.')[-1]}={_short(value)}" for key, value in best.items())
+        baseline = " (the model before it)" if d.get("best_is_baseline") else ""
+        return f"best trial {d.get('best_trial')}{baseline} of {sum(counts.values())} ({done}): {params}"
     if record.stage == "retrain":
         return f"seeds {d.get('seeds')}; chosen on validation: seed {d.get('chosen_seed')}"
     if record.stage == "register":

@@ -89,12 +89,14 @@ class SweepResult:
     counts: dict[str, int]
     plots: list[Path] = field(default_factory=list)
     trials_run: int = 0  # by this worker
+    baseline_trial: int | None = None  # the trial that ran the recipe's own values (sweep.baseline_trial)
 
     def summary(self) -> dict[str, Any]:
         return {"study": self.study_name, "storage": redact_url(self.storage), "monitor": self.monitor,
                 "direction": self.direction, "best_value": self.best_value, "best_trial": self.best_trial,
                 "best_params": self.best_params, "best_recipe": str(self.best_recipe) if self.best_recipe else None,
                 "trials_csv": str(self.trials_csv), "plots": [str(p) for p in self.plots], "counts": self.counts,
+                "baseline_trial": self.baseline_trial,
                 "trials_run_by_this_worker": self.trials_run}
 
 
@@ -565,7 +567,8 @@ def _finish(study: optuna.Study, base: Recipe, raw: dict[str, Any], source: str,
     return SweepResult(study_name=study.study_name, storage=storage_url, output_dir=output_dir, direction=direction,
                        monitor=monitor, best_value=best.value if best else None,
                        best_params=_trial_params(best) if best else {}, best_trial=best.number if best else None,
-                       best_recipe=best_recipe, trials_csv=trials_csv, counts=counts, plots=plots)
+                       best_recipe=best_recipe, trials_csv=trials_csv, counts=counts, plots=plots,
+                       baseline_trial=next((t.number for t in trials if t.user_attrs.get("baseline")), None))
 
 
 def best_recipe_dict(best: FrozenTrial, base: Recipe, raw: dict[str, Any], source: str,

@@ -28,6 +28,9 @@ class EmbeddingStageConfig(StageConfigBase):
 
 @register_stage(EmbeddingStageConfig)
 class EmbeddingStage(PipelineStage):
+    """Propose the model with the stage's embedding section: a table search (OptEmbed, DNIS) searched and re-trained in
+    one run, or a fixed budget (multiplexed tables)."""
+
     name = "embedding"
 
     def estimate(self, config: Any, plain_seconds: float, epoch_seconds: float) -> float:

@@ -31,6 +31,9 @@ class OptFSStageConfig(StageConfigBase):
 
 @register_stage(OptFSStageConfig)
 class OptFSStage(PipelineStage):
+    """Propose the model with an OptFS gate (Lyu et al. 2023, Sec. 3: gates per feature value learnt by
+    continuation, then a re-training on the kept values), searched and re-trained in one run."""
+
     name = "optfs"
 
     def estimate(self, config: Any, plain_seconds: float, epoch_seconds: float) -> float:

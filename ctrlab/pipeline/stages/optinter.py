@@ -45,6 +45,9 @@ def _kept_features_file(recipe: dict[str, Any]) -> str | None:
 
 @register_stage(OptInterStageConfig)
 class OptInterStage(PipelineStage):
+    """Propose the model with an OptInter pair layer (Lyu et al. 2022: per pair, a softmax over memorise / factorise /
+    naive, searched bi-level, then re-trained with the argmax method), narrowed to the kept feature set."""
+
     name = "optinter"
 
     def estimate(self, config: Any, plain_seconds: float, epoch_seconds: float) -> float:

@@ -79,6 +79,9 @@ def without_features(recipe: dict[str, Any], dropped: set[str]) -> dict[str, Any
 
 @register_stage(RankStageConfig)
 class RankStage(PipelineStage):
+    """Rank the features (OutRank-style chance-corrected mutual information, Skrlj et al. 2023) and propose the
+    model without the uninformative ones (see :class:`RankStageConfig`)."""
+
     name = "rank"
 
     def estimate(self, config: Any, plain_seconds: float, epoch_seconds: float) -> float:

@@ -51,6 +51,8 @@ class RegisterStageConfig(StageConfigBase):
 
 @register_stage(RegisterStageConfig)
 class RegisterStage(PipelineStage):
+    """Register the retrain stage's chosen model as an MLflow pyfunc model (raw rows in)."""
+
     name = "register"
 
     def estimate(self, config: Any, plain_seconds: float, epoch_seconds: float) -> float:

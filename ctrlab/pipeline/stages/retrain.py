@@ -41,6 +41,9 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 @register_stage(RetrainStageConfig)
 class RetrainStage(PipelineStage):
+    """Train the kept model once per seed; the one best on validation is the pipeline's model, and the seeds' mean and
+    spread are its reported figures."""
+
     name = "retrain"
 
     def estimate(self, config: Any, plain_seconds: float, epoch_seconds: float) -> float:

@@ -65,6 +65,9 @@ def researched(recipe: dict[str, Any], space: dict[str, ParamSpace]) -> dict[str
 
 @register_stage(SweepStageConfig)
 class SweepStage(PipelineStage):
+    """Run an Optuna study (TPE, Bergstra et al. 2011, by default) over the stage's space on the model before it, and
+    propose its best trial on validation."""
+
     name = "sweep"
 
     def estimate(self, config: Any, plain_seconds: float, epoch_seconds: float) -> float:
@@ -95,6 +98,10 @@ class SweepStage(PipelineStage):
                                     "study": str(found.output_dir)}
         if found.best_trial is None:
             return StageResult(None, decision, note="no trial completed")
+        decision["best_is_baseline"] = found.best_trial == found.baseline_trial
+        if decision["best_is_baseline"]:
+            return StageResult(None, decision, note=f"no trial beat the model before it (its retraining, trial "
+                                                    f"{found.best_trial}, was best)")
         candidate: Candidate | None = read_candidate(found.output_dir / "trials" / str(found.best_trial))
         if candidate is None:
             return StageResult(None, decision, note=f"the best trial's run ({found.best_trial}) is missing")
