@@ -426,3 +426,20 @@ def test_a_sweep_over_a_search_knob_searches_again_in_each_trial_and_so_do_the_s
     assert again["gate"] == recipe["gate"]  # before the knob's section: fixed
     assert again["interaction"]["stages"] == ["search", "retrain"] and again["interaction"]["from_run"] is None
     assert again["embedding"]["stages"] == ["search", "retrain"] and again["embedding"]["from_run"] is None
+
+
+def test_the_plan_is_printed_up_front_in_plain_trainings_then_in_minutes_with_each_stage_s_share(
+        tmp_path: Path, capsys) -> None:
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    stages = [{"stage": "rank"}, {"stage": "retrain", "seeds": [3, 4]},
+              {"stage": "register", "name": "plan-test", "tracking_uri": store}]
+    path = write_recipe(tmp_path, small_recipe(tmp_path, stages, tracking={"enabled": True, "uri": store}))
+    assert main(["pipeline", str(path), "pipeline.hours=0.5"]) == 0
+    err = capsys.readouterr().err
+    plans = [block for block in err.split("pipeline pipe: ")[1:]]
+    assert len(plans) == 2 and "before the plain model has run" in plans[0] and "measured" in plans[1]
+    first = {line.split()[1]: line for line in plans[0].splitlines()[1:5]}
+    assert "1.00 x plain" in first["plain"] and "2.00 x plain" in first["retrain"]
+    shares = [float(line.split("budget")[1].split("%")[0]) for line in first.values()]
+    assert sum(shares) == pytest.approx(100.0, abs=0.5) and max(shares) == shares[2]  # the retrain, two trainings
+    assert " min   budget " in plans[1].splitlines()[1]

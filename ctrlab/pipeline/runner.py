@@ -50,7 +50,9 @@ from ctrlab.utils.output_dir import OutputFolder
 
 #: Stages the pipeline may leave out when its time is spent; the final retrain and the registration always run.
 _SKIPPABLE = ("rank", "optfs", "optinter", "embedding", "sweep")
-#: Epochs a plain training is taken to run before it has run (early stopping usually stops it around here).
+#: Before the plain model has run, estimates are relative to a nominal plain training of this many seconds, taken to
+#: run this many epochs (early stopping usually stops it around here); they are printed in plain trainings.
+_NOMINAL_SECONDS = 600.0
 _EXPECTED_EPOCHS = 10
 
 
@@ -191,15 +193,15 @@ class _Runner:
 
     # ------------------------------------------------------------------------------------------ estimates
     def _plain_times(self) -> tuple[float, float, bool]:
-        """Seconds of one plain training and of one of its epochs, and whether they were measured (else: in
-        units of one plain training, with :data:`_EXPECTED_EPOCHS` epochs)."""
+        """Seconds of one plain training and of one of its epochs, and whether they were measured (else: the
+        nominal :data:`_NOMINAL_SECONDS` over :data:`_EXPECTED_EPOCHS` epochs)."""
         record = self.state.finished(0)
         if record is not None and record.candidate is not None:
             seconds = float(record.candidate.get("seconds") or record.seconds)
             epochs = max(len(self.plain.metrics.get("history", [])), 1)
             return seconds, seconds / epochs, True
         epochs = min(self.recipe.train.epochs, _EXPECTED_EPOCHS)
-        return 1.0, 1.0 / epochs, False
+        return _NOMINAL_SECONDS, _NOMINAL_SECONDS / epochs, False
 
     def _estimates(self) -> list[float]:
         plain_seconds, epoch_seconds, _ = self._plain_times()
