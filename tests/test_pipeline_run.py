@@ -381,6 +381,8 @@ def test_ranking_drops_noise_but_keeps_fields_that_only_matter_in_a_pair() -> No
     assert dropped == ["noise"]  # its pair scores below the pair's own chance level
     assert uninformative(table, pairs, rows, 0.01, 4.0, False)[0] == ["pairA", "pairB", "noise"]
     assert chance_spread(80, rows) == pytest.approx(math.sqrt(2 * 79) / (2 * rows))
+    # no more cells than rows can be observed: a pair of two large fields is judged by what it can show
+    assert chance_spread(10**7, rows) == pytest.approx(math.sqrt(2 * (rows - 1)) / (2 * rows))
 
 
 def test_a_kept_search_is_fixed_and_a_new_kind_keeps_the_settings_it_shares(tmp_path: Path) -> None:

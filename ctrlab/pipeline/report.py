@@ -18,9 +18,10 @@ from ctrlab.utils.io import atomic_path, write_text_atomic
 REPORT_FILE = "report.md"
 VALID_PNG = "pipeline_valid.png"
 COST_PNG = "pipeline_cost.png"
-#: Pictures the stages' runs write, linked from the report when present (relative to a stage's folder).
-_STAGE_PICTURES = ("ranking/ranking.png", "*/feature_search/*.png", "*/interaction_search/pairs.png",
-                   "*/embedding_search/*.png", "study/optimization_history.png", "study/param_importances.png")
+#: The pictures each stage's work writes, linked from the report when present (relative to the stage's folder).
+_STAGE_PICTURES = {"rank": ("ranking/ranking.png",), "optfs": ("*/feature_search/*.png",),
+                   "optinter": ("*/interaction_search/pairs.png",), "embedding": ("*/embedding_search/*.png",),
+                   "sweep": ("study/optimization_history.png", "study/param_importances.png")}
 
 
 def _value(record: StageRecord, split: str, metric: str) -> float:
@@ -49,7 +50,7 @@ def _held(records: list[StageRecord], metric: str) -> tuple[list[float], list[fl
     return before, after
 
 
-def decision_text(record: StageRecord) -> str:
+def decision_text(record: StageRecord, metric: str = "auc") -> str:
     """What the stage decided, in one line."""
     d = record.decision
     if record.stage == "rank":
@@ -79,7 +80,10 @@ def decision_text(record: StageRecord) -> str:
         baseline = " (the model before it)" if d.get("best_is_baseline") else ""
         return f"best trial {d.get('best_trial')}{baseline} of {sum(counts.values())} ({done}): {params}"
     if record.stage == "retrain":
-        return f"seeds {d.get('seeds')}; chosen on validation: seed {d.get('chosen_seed')}"
+        test = d.get(f"test_{metric}") or {}
+        spread = (f"; test {metric} {_fmt(test.get('mean'))} ± {_fmt(test.get('std'))} over the seeds"
+                  if test else "")
+        return f"seeds {d.get('seeds')}; chosen on validation: seed {d.get('chosen_seed')}{spread}"
     if record.stage == "register":
         return f"{d.get('name')} version {d.get('version')}" + (f" @{d.get('alias')}" if d.get("alias") else "")
     return ""
@@ -121,11 +125,13 @@ def _details(record: StageRecord) -> list[str]:
     return lines
 
 
-def write_report(output_dir: Path, records: list[StageRecord], metric: str, console: Console | None) -> Path:
-    """Write ``report.md`` and its PNGs into ``output_dir`` (each atomically) and return the report's path."""
+def write_report(output_dir: Path, name: str, records: list[StageRecord], metric: str,
+                 console: Console | None) -> Path:
+    """Write the report of pipeline ``name``, ``report.md`` and its PNGs, into ``output_dir`` (each atomically) and
+    return the report's path."""
     before, after = _held(records, metric)
     total = sum(r.seconds for r in records)
-    lines = [f"# Pipeline report: {output_dir.name}", "",
+    lines = [f"# Pipeline report: {name}", "",
              f"{len(records)} stages finished, {total / 60:.1f} min of stage time. Each stage is judged on "
              f"validation {metric} against the model before it; a stage that costs more than the tolerance is "
              "rolled back.", "",
@@ -141,7 +147,7 @@ def write_report(output_dir: Path, records: list[StageRecord], metric: str, cons
             f"{_fmt(change, '+.5f')} | {_fmt(_value(record, 'valid', 'logloss'))} | "
             f"{_fmt(_value(record, 'test', metric))} | {_fmt(candidate.get('parameters'), ',')} | "
             f"{_fmt(candidate.get('samples_per_second'), ',.0f')} | {record.seconds / 60:.1f} | "
-            f"{decision_text(record).replace('|', '/')} |")
+            f"{decision_text(record, metric).replace('|', '/')} |")
     lines += ["", "Test figures are shown, never used: every decision is taken on validation.", ""]
     pictures = _plots(output_dir, records, metric, after)
     lines += [f"![{name}]({name})" for name in pictures] + [""]
@@ -151,7 +157,7 @@ def write_report(output_dir: Path, records: list[StageRecord], metric: str, cons
         lines.append(f"{record.reason}.")
         lines.extend(_details(record))
         stage_dir = output_dir / STAGES_DIR / f"{record.index:02d}-{record.stage}"
-        for pattern in _STAGE_PICTURES:
+        for pattern in _STAGE_PICTURES.get(record.stage, ()):
             for picture in sorted(stage_dir.glob(pattern)):
                 lines.append(f"\n![{picture.name}]({picture.relative_to(output_dir)})")
         lines.append("")

@@ -166,7 +166,7 @@ def run_pipeline(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
             state.save(output_dir)
         runner.parent = parent
         runner.run()
-        report = write_report(output_dir, state.records, monitor, console)
+        report = write_report(output_dir, recipe.name, state.records, monitor, console)
         if parent is not None:
             _log_parent(parent, state.records, output_dir, report, monitor)
     return PipelineResult(output_dir, state.records, report, monitor)
@@ -245,7 +245,7 @@ class _Runner:
                 record = self._run_stage(index, config)
                 self.state.records.append(record)
                 self.state.save(self.output_dir)
-                write_report(self.output_dir, self.state.records, self.monitor, None)
+                write_report(self.output_dir, self.recipe.name, self.state.records, self.monitor, None)
             else:
                 self.console.print(f"[bold]{config.stage}[/bold] finished earlier: {record.outcome}",
                                    highlight=False)

@@ -41,8 +41,9 @@ class RankStageConfig(StageConfigBase):
 def chance_spread(values: int, rows: int, classes: int = 2) -> float:
     """Standard deviation (nats) of the mutual information between the label and a random feature of ``values``
     values on ``rows`` rows: ``2 n MI`` is then about chi-squared with ``(values - 1)(classes - 1)`` degrees of
-    freedom, whose standard deviation is ``sqrt(2 df)``."""
-    freedom = max(values - 1, 1) * (classes - 1)
+    freedom, whose standard deviation is ``sqrt(2 df)``. No more values than rows can be observed, so the degrees of
+    freedom are capped there (a pair of two large fields has far more possible cells than rows)."""
+    freedom = max(min(values, rows) - 1, 1) * (classes - 1)
     return math.sqrt(2.0 * freedom) / (2.0 * max(rows, 1))
 
 

@@ -58,11 +58,18 @@ class RetrainStage(PipelineStage):
             dataset["seed"] = seed  # the data stay the recipe seed's
         finals = []
         for each in seeds:
+            if each == seed:
+                # The model before this stage is this recipe under this seed: searches keep the random state, so
+                # training it again reproduces it (on Frappe: 0.98541 valid AUC both times). It is not trained twice.
+                context.say(f"seed-{each}: the model before this stage ({context.incumbent.run_dir})")
+                finals.append(context.incumbent)
+                continue
             finals.append(context.train({**recipe, "seed": each}, f"seed-{each}"))
         metric = context.monitor
         sign = -1.0 if metric == "logloss" else 1.0
         best = max(finals, key=lambda c: sign * c.valid(metric))
-        decision: dict[str, Any] = {"seeds": seeds, "chosen_seed": int(best.recipe.get("seed", seeds[0])),
+        chosen = seeds[finals.index(best)]
+        decision: dict[str, Any] = {"seeds": seeds, "chosen_seed": chosen,
                                     "chosen_run": str(best.run_dir)}
         for split in ("valid", "test"):
             for name in sorted(best.metrics.get(split, {})):
