@@ -648,5 +648,5 @@ def test_a_feature_set_search_then_a_pair_search_chain_and_serve(tmp_path: Path)
     rewind = metrics["feature_search"]["rewind"]
     assert rewind["embedding"] == "rewound rows"
     if layout.crosses:
-        assert "block.mlp.0.weight" in rewind["initial values (shape changed by a later search)"]
+        assert "block.mlp.0.weight" in rewind["initial values (the model changed since the search)"]
     reload_matches_saved_predictions(result.output_dir, both)

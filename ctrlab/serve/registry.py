@@ -346,20 +346,20 @@ def download_model(model: ResolvedModel, destination: Path) -> Path:
     ``MLmodel``)."""
     import mlflow
 
-    # download_artifacts takes the tracking URI but resolves models:/ URIs in the registry, which defaults to
-    # $MLFLOW_TRACKING_URI, not to that argument: without the variable, --tracking-uri found the model and then
-    # looked for its files in another store.
-    previous = mlflow.get_registry_uri()
+    # The version's files are found through a client bound to this store (registry included) and downloaded from
+    # their artefact location: `download_artifacts("models:/NAME/V", tracking_uri=...)` resolves the name in the
+    # process-wide registry ($MLFLOW_TRACKING_URI), not in the store given, and setting that registry would change
+    # it for every later call of the process.
+    from mlflow import MlflowClient
+
     try:
-        mlflow.set_registry_uri(model.tracking_uri)
+        client = MlflowClient(tracking_uri=model.tracking_uri, registry_uri=model.tracking_uri)
+        source = client.get_model_version_download_uri(model.name, model.version)
         with contextlib.redirect_stdout(sys.stderr), _quiet_progress():
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{model.name}/{model.version}", dst_path=str(destination),
-                tracking_uri=model.tracking_uri)
+            local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(destination),
+                                                        tracking_uri=model.tracking_uri)
     except Exception as exc:  # noqa: BLE001 - artefact stores raise many types
         raise CtrlabError(f"{model.uri}: cannot download the model's files ({_first_line(exc)})") from None
-    finally:
-        mlflow.set_registry_uri(previous)
     return Path(local)
 
 

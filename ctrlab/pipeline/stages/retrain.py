@@ -4,7 +4,7 @@ the pipeline's model, and the seeds' test metrics are what the pipeline reports.
 from __future__ import annotations
 
 import statistics
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
@@ -19,7 +19,8 @@ class RetrainStageConfig(StageConfigBase):
     initialisation, dropout and batch order only."""
 
     stage: Literal["retrain"]
-    seeds: list[Int] | None = Field(None, min_length=1, max_length=100, description="training seeds")
+    seeds: list[Annotated[Int, Field(ge=0, le=MAX_SEED)]] | None = Field(None, min_length=1, max_length=100,
+                                                                        description="training seeds")
 
     ORDER: ClassVar[int] = 60
     PRODUCES: ClassVar[frozenset[str]] = frozenset({"final_model"})
@@ -30,8 +31,6 @@ class RetrainStageConfig(StageConfigBase):
         if seeds is not None:
             if len(set(seeds)) != len(seeds):
                 raise ValueError(f"seeds must be distinct, got {seeds}")
-            if any(not 0 <= seed <= MAX_SEED for seed in seeds):
-                raise ValueError(f"seeds must lie in 0..{MAX_SEED}")
         return seeds
 
 
