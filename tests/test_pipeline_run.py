@@ -445,3 +445,14 @@ def test_the_plan_is_printed_up_front_in_plain_trainings_then_in_minutes_with_ea
     shares = [float(line.split("budget")[1].split("%")[0]) for line in first.values()]
     assert sum(shares) == pytest.approx(100.0, abs=0.5) and max(shares) == shares[2]  # the retrain, two trainings
     assert " min   budget " in plans[1].splitlines()[1]
+
+
+def test_once_the_hours_are_spent_the_optional_stages_are_skipped_and_the_retrain_still_runs(tmp_path: Path) -> None:
+    stages = [{"stage": "rank"}, SWEEP, {"stage": "retrain", "seeds": [9]}]
+    recipe = small_recipe(tmp_path, stages)
+    recipe["pipeline"]["hours"] = 1e-5  # 0.036 s: spent by the plain model
+    result = run_pipeline(write_recipe(tmp_path, recipe), console=QUIET)
+    assert [(r.stage, r.outcome) for r in result.records] == [
+        ("plain", "kept"), ("rank", "skipped"), ("sweep", "skipped"), ("retrain", "final")]
+    assert result.records[1].reason == "the time budget was spent"
+    assert not (tmp_path / "out" / "stages" / "02-sweep").exists()
