@@ -27,12 +27,15 @@ MAX_STAGES = 64
 class PipelineConfig(Section):
     """The stages to run (each at most once, in the canonical order: rank, optfs, optinter, embedding, sweep,
     retrain, register), ``hours`` (the whole pipeline's time budget, split over the stages in proportion to their
-    estimates; none: unbounded) and ``tolerance`` (how much validation AUC, or logloss, a stage may cost against the
-    model before it and against the plain recipe's model and still be kept)."""
+    estimates; none: unbounded), ``tolerance`` (how much validation AUC, or logloss, a stage may cost against the
+    model before it and against the plain recipe's model and still be kept) and ``min_saving`` (the share of the
+    parameters such a costly stage must save)."""
 
     hours: float | None = Field(None, gt=0, le=10_000, description="time budget of the whole pipeline")
     tolerance: float = Field(0.0005, ge=0, le=1, description="validation AUC (or logloss) a stage may cost before "
                              "it is rolled back")
+    min_saving: float = Field(0.01, ge=0, le=1, description="share of the parameters a stage that costs validation "
+                              "AUC must save to be kept")
     stages: list[StageConfig] = Field(min_length=1, max_length=MAX_STAGES)
 
     @model_validator(mode="after")

@@ -39,11 +39,11 @@ def maximize(metric: str) -> bool:
 
 
 def judge(candidate: Candidate, before: Candidate, plain: Candidate, metric: str,
-          tolerance: float) -> tuple[bool, str]:
+          tolerance: float, min_saving: float = 0.01) -> tuple[bool, str]:
     """Keep ``candidate`` when its validation ``metric`` is at most ``tolerance`` worse than the model before it
     and than the plain recipe's model (so costs cannot add up over the stages), and, when it is worse at all, only
-    if it is smaller (fewer parameters): the tolerance buys a smaller model, never a worse one of the same size. The
-    reason, in words."""
+    if it stores at least ``min_saving`` fewer parameters: the tolerance buys a smaller model, never a worse one of
+    (nearly) the same size. The reason, in words."""
     sign = 1.0 if maximize(metric) else -1.0
     value = candidate.valid(metric)
     if math.isnan(value):
@@ -56,10 +56,10 @@ def judge(candidate: Candidate, before: Candidate, plain: Candidate, metric: str
     if against_plain < -tolerance:
         return False, (f"valid {metric} {value:.5f} is {-against_plain:.5f} worse than the plain recipe's model "
                        f"({plain.valid(metric):.5f}; tolerance {tolerance:g})")
-    if against_before < 0 and candidate.parameters >= before.parameters:
+    if against_before < 0 and candidate.parameters > (1.0 - min_saving) * before.parameters:
         return False, (f"valid {metric} {value:.5f} is {-against_before:.5f} worse than the model before it "
-                       f"({before.valid(metric):.5f}) and no smaller ({candidate.parameters:,} parameters against "
-                       f"{before.parameters:,})")
+                       f"({before.valid(metric):.5f}) and not {min_saving:.0%} smaller ({candidate.parameters:,} "
+                       f"parameters against {before.parameters:,})")
     smaller = (f"; {before.parameters:,} -> {candidate.parameters:,} parameters"
                if candidate.parameters != before.parameters else "")
     return True, f"valid {metric} {value:.5f} ({against_before:+.5f} against the model before it{smaller})"

@@ -4,7 +4,8 @@ First the plain recipe (the recipe without its ``pipeline`` section) is trained:
 listed stage, in order, proposes a model built on the model the pipeline holds (the *incumbent*): the recipe with
 what the stage found (features dropped, a feature set, pair methods, table dims, hyper-parameters). The proposal is
 judged on validation (:func:`~ctrlab.pipeline.budget.judge`): kept when it costs at most ``pipeline.tolerance``
-against the incumbent and against the plain model, and, when it costs anything, only if it is smaller; else reported
+against the incumbent and against the plain model, and, when it costs anything, only if it is ``pipeline.min_saving``
+(1%) smaller; else reported
 and rolled back, so the pipeline never ends below the plain recipe on validation. A kept stage's searches are fixed
 (``from_run``, re-train only) for the stages after it. The retrain stage trains the incumbent under several seeds;
 the register stage registers the seed best on validation.
@@ -186,6 +187,7 @@ class _Runner:
         self.console = console
         self.parent: Any = None
         self.tolerance = recipe.pipeline.tolerance if recipe.pipeline else 0.0005
+        self.min_saving = recipe.pipeline.min_saving if recipe.pipeline else 0.01
         hours = recipe.pipeline.hours if recipe.pipeline else None
         self.total_seconds = hours * 3600.0 if hours is not None else None
         self.incumbent = Candidate(plain_recipe, output_dir, {})
@@ -310,7 +312,8 @@ class _Runner:
             return "nothing_proposed", result.note or "the stage proposed no model"
         if not result.judged:
             return "final", result.note or f"the model chosen among {len(result.finals)} seeds on validation"
-        kept, reason = judge(result.candidate, self.incumbent, self.plain, self.monitor, self.tolerance)
+        kept, reason = judge(result.candidate, self.incumbent, self.plain, self.monitor, self.tolerance,
+                             self.min_saving)
         return ("kept" if kept else "rolled_back"), reason
 
     def _record(self, index: int, config: Any, outcome: str, reason: str, decision: dict[str, Any],
