@@ -35,10 +35,10 @@ class Candidate:
     metrics: dict[str, Any]
 
     def valid(self, metric: str) -> float:
-        return _number(self.metrics.get("valid", {}).get(metric))
+        return metric_value(self.metrics.get("valid", {}).get(metric))
 
     def test(self, metric: str) -> float:
-        return _number(self.metrics.get("test", {}).get(metric))
+        return metric_value(self.metrics.get("test", {}).get(metric))
 
     @property
     def parameters(self) -> int:
@@ -127,7 +127,7 @@ class StageContext:
         return candidate
 
 
-def _number(value: Any) -> float:
+def metric_value(value: Any) -> float:
     """A metric read back from JSON (where an undefined one is null) as a float, NaN when undefined."""
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else float("nan")
 

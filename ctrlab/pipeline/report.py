@@ -12,6 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
+from ctrlab.pipeline.base import metric_value
 from ctrlab.pipeline.state import STAGES_DIR, StageRecord
 from ctrlab.utils.io import atomic_path, write_text_atomic
 
@@ -25,8 +26,7 @@ _STAGE_PICTURES = {"rank": ("ranking/ranking.png",), "optfs": ("*/feature_search
 
 
 def _value(record: StageRecord, split: str, metric: str) -> float:
-    value = ((record.candidate or {}).get(split) or {}).get(metric)
-    return float(value) if isinstance(value, (int, float)) else math.nan
+    return metric_value(((record.candidate or {}).get(split) or {}).get(metric))
 
 
 def _fmt(value: Any, spec: str = ".5f") -> str:

@@ -186,10 +186,13 @@ class _Runner:
         self.data_dir = data_dir
         self.console = console
         self.parent: Any = None
-        self.tolerance = recipe.pipeline.tolerance if recipe.pipeline else 0.0005
-        self.min_saving = recipe.pipeline.min_saving if recipe.pipeline else 0.01
-        hours = recipe.pipeline.hours if recipe.pipeline else None
+        assert recipe.pipeline is not None
+        self.tolerance = recipe.pipeline.tolerance
+        self.min_saving = recipe.pipeline.min_saving
+        hours = recipe.pipeline.hours
         self.total_seconds = hours * 3600.0 if hours is not None else None
+        # each stage's own minutes, in seconds (None: a share of the hours)
+        self.fixed = [c.minutes * 60.0 if c.minutes is not None else None for c in configs]
         self.incumbent = Candidate(plain_recipe, output_dir, {})
         self.plain = self.incumbent
 
@@ -211,19 +214,15 @@ class _Runner:
 
     def _budget(self, index: int) -> float | None:
         """This stage's share of the time left (see :mod:`ctrlab.pipeline.budget`)."""
-        if self.total_seconds is None:
-            return self.configs[index].minutes * 60.0 if self.configs[index].minutes is not None else None
-        spent = sum(r.seconds for r in self.state.records)
-        left = self.total_seconds - spent
-        rest = self.configs[index:]
-        fixed = [c.minutes * 60.0 if c.minutes is not None else None for c in rest]
-        return shares(max(left, 0.0), self._estimates()[index:], fixed)[0]
+        left = None
+        if self.total_seconds is not None:
+            left = max(self.total_seconds - sum(r.seconds for r in self.state.records), 0.0)
+        return shares(left, self._estimates()[index:], self.fixed[index:])[0]
 
     def print_plan(self) -> None:
         plain_seconds, _, measured = self._plain_times()
         estimates = self._estimates()
-        fixed = [c.minutes * 60.0 if c.minutes is not None else None for c in self.configs]
-        planned = shares(self.total_seconds, estimates, fixed)
+        planned = shares(self.total_seconds, estimates, self.fixed)
         total = f"{self.total_seconds / 3600:g} h" if self.total_seconds is not None else "no time limit"
         unit = "measured" if measured else "in plain trainings, before the plain model has run"
         self.console.print(f"[bold]pipeline[/bold] {escape(self.recipe.name)}: {len(self.configs)} stages, "
